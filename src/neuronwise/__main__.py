@@ -1,0 +1,3 @@
+from neuronwise.experiment.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""A run directory: resolved config, metrics, checkpoints, and a lock against concurrent writers.
+
+Layout::
+
+    RUN/config.yaml      resolved config (what produced the run)
+    RUN/metrics.jsonl    one JSON line per finished epoch, rewritten atomically each epoch
+    RUN/last.pt          full training state after the last finished epoch
+    RUN/previous.pt      the state before that (fallback when last.pt is unreadable)
+    RUN/best.pt          model weights at the best validation accuracy
+    RUN/.lock            the writing process (pid@host); a second writer gets a clear error
+
+Checkpoints are written atomically and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import neuronwise
+from neuronwise.io import atomic_torch_save, atomic_write_text
+
+from .config import Config, ConfigError, dump, from_dict, read_yaml
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (exists, locked, other config, unreadable)."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._locked = False
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    last_path = property(lambda self: self.path / "last.pt")
+    previous_path = property(lambda self: self.path / "previous.pt")
+    best_path = property(lambda self: self.path / "best.pt")
+    lock_path = property(lambda self: self.path / ".lock")
+
+    def holds_run(self) -> bool:
+        return self.config_path.exists() or self.last_path.exists()
+
+    # -- lock -------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the writer lock; a live writer on this host is an error, a stale lock is replaced."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        me = f"{os.getpid()}@{socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.lock_path.read_text(encoding="utf-8").strip()
+                pid_text, _, host = owner.partition("@")
+                alive = host != socket.gethostname() or (
+                    pid_text.isdigit() and _process_alive(int(pid_text))
+                )
+                if alive:
+                    raise RunDirError(
+                        f"{self.path}: run directory is in use by process {owner} "
+                        f"(remove {self.lock_path} if that process is gone)"
+                    ) from None
+                self.lock_path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(me)
+            self._locked = True
+            return
+        raise RunDirError(f"{self.path}: could not take the lock {self.lock_path}")
+
+    def release(self) -> None:
+        if self._locked:
+            self.lock_path.unlink(missing_ok=True)
+            self._locked = False
+
+    # -- config -----------------------------------------------------------------------------
+    def write_config(self, config: Config) -> None:
+        atomic_write_text(self.config_path, dump(config))
+
+    def read_config(self) -> Config:
+        return from_dict(read_yaml(self.config_path), source=str(self.config_path))
+
+    def check_same_run(self, config: Config) -> None:
+        """Resuming needs the same config; only ``train.epochs`` may grow."""
+        try:
+            stored = self.read_config().to_dict()
+        except ConfigError as error:
+            raise RunDirError(str(error)) from None
+        wanted = config.to_dict()
+        stored["train"].pop("epochs")
+        wanted["train"].pop("epochs")
+        differing = sorted(_differences(stored, wanted))
+        if differing:
+            raise RunDirError(
+                f"{self.path}: run directory belongs to another config "
+                f"(differs in {', '.join(differing)}); choose another --run-dir"
+            )
+
+    def write_info(self, seed: int) -> None:
+        """Record what produced the run: command, commit, versions, seed."""
+        info = {
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "commit": _git_commit(),
+            "seed": seed,
+            "neuronwise": neuronwise.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_text(self.path / "run_info.json", json.dumps(info, indent=2) + "\n")
+
+    # -- metrics ----------------------------------------------------------------------------
+    def write_metrics(self, history: list[dict]) -> None:
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            raise RunDirError(f"{self.metrics_path}: no metrics (has the run finished an epoch?)")
+        records = []
+        for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise RunDirError(f"{self.metrics_path}:{number}: invalid JSON ({error.msg})") from None
+        return records
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_last(self, state: dict[str, Any]) -> None:
+        """Keep the previous good checkpoint, then write the new one atomically."""
+        if self.last_path.exists():
+            os.replace(self.last_path, self.previous_path)
+        atomic_torch_save(state, self.last_path)
+
+    def save_best(self, state: dict[str, Any]) -> None:
+        atomic_torch_save(state, self.best_path)
+
+    def load_last(self) -> dict[str, Any]:
+        """Load last.pt, falling back to previous.pt (with a warning) when last.pt is unreadable."""
+        errors = []
+        for path in (self.last_path, self.previous_path):
+            if not path.exists():
+                continue
+            try:
+                return load_checkpoint(path)
+            except RunDirError as error:
+                errors.append(str(error))
+                warnings.warn(f"{error}; trying the previous checkpoint", stacklevel=2)
+        if errors:
+            raise RunDirError("; ".join(errors))
+        raise RunDirError(f"{self.path}: no checkpoint to resume from (last.pt missing)")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``; an unreadable file becomes a one-line RunDirError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or unsafe files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunDirError(f"{path}: unreadable checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunDirError(f"{path}: not a neuronwise checkpoint (no 'model' entry)")
+    return state
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        out = []
+        for key in keys:
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _git_commit() -> str | None:
+    """HEAD of the neuronwise checkout (with "+dirty" for local changes), or None outside git."""
+    source = Path(neuronwise.__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=source, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
