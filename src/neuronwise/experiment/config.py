@@ -38,6 +38,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "mlp"
     kwargs: dict = field(default_factory=dict)
+    init_from: Optional[str] = None  # a checkpoint whose "model" weights start the run
 
 
 @dataclass
@@ -99,6 +100,7 @@ class PruningConfig:
     granularity: Literal["params", "neurons"] = "params"
     safe_threshold: bool = False
     sparsity: float = 0.9
+    fraction: float = 0.2
     start_epoch: int = 0
     end_epoch: int = 10
     every: int = 1
@@ -139,7 +141,8 @@ _NON_NEGATIVE = {
 }
 _POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.checkpoint_every", "pruning.every",
              "schedule.step_size"}
-_FRACTIONS = {"data.val_fraction", "neq.val_size", "pruning.sparsity", "neq.trained_fraction"}
+_FRACTIONS = {"data.val_fraction", "neq.val_size", "pruning.sparsity", "pruning.fraction",
+              "neq.trained_fraction"}
 
 
 def _describe(value: Any) -> str:

@@ -1,0 +1,173 @@
+"""The ``neuronwise`` command line (also ``python -m neuronwise``).
+
+A user mistake (bad config, missing data, unusable run directory) prints one line
+``neuronwise: error: ...`` and exits with code 2; set ``NEURONWISE_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from . import config as config_module
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def quickstart_config_path() -> Path:
+    return Path(str(resources.files("neuronwise.experiment") / "quickstart.yaml"))
+
+
+def _default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train(config_path: Path, args: argparse.Namespace) -> int:
+    from neuronwise import distributed
+
+    from .distributed_setup import distributed_session
+    from .trainer import Trainer
+
+    overrides = list(args.set or [])
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    config = config_module.load(config_path, overrides)
+    if args.resume and not args.run_dir:
+        raise ValueError("--resume needs --run-dir (the run directory to continue)")
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.name)
+    with distributed_session():
+        trainer = Trainer(config, str(run_dir), resume=args.resume)
+        history = trainer.fit()
+        if distributed.is_main_process():
+            _print_outcome(trainer, history)
+    return 0
+
+
+def _print_outcome(trainer, history: list[dict]) -> None:
+    if not history:
+        print(f"nothing to do: the run already finished {trainer.epoch} epochs ({trainer.run.path})")
+        return
+    last = history[-1]
+    print(
+        f"done: test accuracy {last['test_accuracy']:.2f}%, "
+        f"remaining parameters {last['remaining_percent_paper']:.2f}% "
+        f"({last['nonzero_paper']:,} of {last['params_paper']:,}, 'paper' convention), "
+        f"neurons {last['neurons_alive']}/{last['neurons_total']}\n"
+        f"run directory: {trainer.run.path}  (report: neuronwise report {trainer.run.path})"
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _train(Path(args.config), args)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    return _train(quickstart_config_path(), args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"report written: {path}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from neuronwise import data
+
+    root = data.resolve_root(args.data_root)
+    print(f"data root: {root}")
+    for row in data.status(root):
+        print(row)
+    return 0
+
+
+def cmd_simplify(args: argparse.Namespace) -> int:
+    from .tools import simplify_run
+
+    print(simplify_run(args.run_dir, export=args.export, checkpoint=args.checkpoint))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .tools import analyze_run
+
+    print(analyze_run(args.run_dir, entropy=args.entropy, sharpness=args.sharpness,
+                      checkpoint=args.checkpoint, data_root=args.data_root))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuronwise",
+        description="Train sparse and efficient networks: LOBSTER, SeReNe, NEq, PSP-entropy.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def training_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --run-dir from its last checkpoint")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+        p.add_argument("--data-root", help="data folder (default: $NEURONWISE_DATA, else the cache)")
+
+    run = commands.add_parser("run", help="train from a YAML config")
+    run.add_argument("config", help="YAML config, e.g. configs/lobster/lenet300_mnist.yaml")
+    training_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    quick = commands.add_parser("quickstart",
+                                help="LOBSTER on the embedded digits data (no download, < 1 min)")
+    training_flags(quick)
+    quick.set_defaults(func=cmd_quickstart)
+
+    report = commands.add_parser("report", help="markdown + HTML report with plots of a run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    datasets = commands.add_parser("datasets", help="what the data root holds, checksums verified")
+    datasets.add_argument("--data-root")
+    datasets.set_defaults(func=cmd_datasets)
+
+    simplify = commands.add_parser("simplify",
+                                   help="remove dead neurons of a run's model; measure; export")
+    simplify.add_argument("run_dir")
+    simplify.add_argument("--export", metavar="FILE.onnx", help="also export to ONNX")
+    simplify.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    simplify.set_defaults(func=cmd_simplify)
+
+    analyze = commands.add_parser("analyze", help="PSP-entropy / sharpness analysis of a run")
+    analyze.add_argument("run_dir")
+    analyze.add_argument("--entropy", action="store_true", help="PSP-entropy per layer")
+    analyze.add_argument("--sharpness", action="store_true", help="loss increase under noise")
+    analyze.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    analyze.add_argument("--data-root")
+    analyze.set_defaults(func=cmd_analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .trainer import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except NonFiniteLossError as error:
+        print(f"neuronwise: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, TypeError, OSError) as error:
+        if os.environ.get("NEURONWISE_DEBUG"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"neuronwise: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("neuronwise: interrupted; resume with --resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,121 @@
+"""``neuronwise report RUN``: a markdown summary, PNG plots, and a one-page offline HTML version."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from neuronwise.io import atomic_write_bytes, atomic_write_text
+
+from .rundir import RunDir, RunDirError
+
+PLOTS = (
+    ("loss.png", "Loss", ("train_loss", "val_loss", "test_loss")),
+    ("accuracy.png", "Top-1 accuracy (%)", ("train_accuracy", "val_accuracy", "test_accuracy")),
+    ("sparsity.png", "Remaining parameters (%, 'paper' convention)", ("remaining_percent_paper",)),
+    ("frozen.png", "NEq frozen neurons (%)", ("frozen_percent",)),
+)
+
+
+def _plot(history: list[dict], keys: tuple[str, ...], title: str, path: Path) -> bool:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in r for r in history)]
+    if not present:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for key in present:
+        points = [(r["epoch"], r[key]) for r in history if key in r]
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=key)
+    axis.set_xlabel("epoch")
+    axis.set_title(title)
+    if "remaining" in keys[0]:
+        axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
+
+
+def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, str]]:
+    """The headline numbers of a run, each labelled with its convention."""
+    last = history[-1]
+    rows = [
+        ("epochs", str(last["epoch"])),
+        ("final test accuracy / error", f"{last['test_accuracy']:.2f}% / "
+                                        f"{100 - last['test_accuracy']:.2f}%"),
+        ("remaining parameters ('paper': Linear+Conv2d weights+biases)",
+         f"{last['nonzero_paper']:,} of {last['params_paper']:,} "
+         f"({last['remaining_percent_paper']:.3f}%)"),
+        ("non-zero parameters ('all': every parameter)", f"{last['nonzero_all']:,}"),
+        ("alive neurons (Linear rows / Conv2d channels with a non-zero weight)",
+         f"{last['neurons_alive']} of {last['neurons_total']}"),
+        ("mean training time per epoch", f"{sum(r['train_time_s'] for r in history) / len(history):.2f} s"),
+    ]
+    if best:
+        rows.append(("best validation accuracy (epoch)",
+                     f"{best['val_accuracy']:.2f}% ({best['epoch']}), "
+                     f"test there {best.get('test_accuracy', float('nan')):.2f}%"))
+    pruned = [r for r in history if r.get("pruned")]
+    if pruned:
+        rows.append(("pruning events", str(len(pruned))))
+    if "frozen_percent" in last:
+        mean_frozen = sum(r["frozen_percent"] for r in history) / len(history)
+        rows.append(("mean frozen neurons (NEq)", f"{mean_frozen:.2f}%"))
+    return rows
+
+
+def write_report(run_path: str | Path) -> Path:
+    run = RunDir(run_path)
+    if not run.path.is_dir():
+        raise RunDirError(f"{run.path}: run directory not found")
+    history = run.read_metrics()
+    if not history:
+        raise RunDirError(f"{run.metrics_path}: no finished epoch to report")
+    best = None
+    if run.last_path.exists():
+        from .rundir import load_checkpoint
+
+        best = load_checkpoint(run.last_path).get("best")
+    config_text = run.config_path.read_text() if run.config_path.exists() else "(missing)"
+    info = run.path / "run_info.json"
+    plots = [(name, title) for name, title, keys in PLOTS
+             if _plot(history, keys, title, run.path / name)]
+    rows = summarize(history, best)
+    lines = [f"# Report: {run.path.name}", ""]
+    if info.exists():
+        lines += ["Produced by (see run_info.json):", "", "```json", info.read_text().strip(), "```", ""]
+    lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    lines += [""] + [f"![{title}]({name})" for name, title in plots]
+    lines += ["", "## Config", "", "```yaml", config_text.strip(), "```", ""]
+    markdown = "\n".join(lines)
+    atomic_write_text(run.path / "report.md", markdown)
+    atomic_write_text(run.path / "report.html", _html(run.path, rows, plots, config_text))
+    return run.path / "report.md"
+
+
+def _html(folder: Path, rows, plots, config_text: str) -> str:
+    """One self-contained page: plots embedded as data URIs, viewable offline."""
+    table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    images = "".join(
+        f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,'
+        f'{base64.b64encode((folder / n).read_bytes()).decode()}"><figcaption>{html.escape(t)}'
+        "</figcaption></figure>" for n, t in plots)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>neuronwise report: {html.escape(folder.name)}</title>"
+        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+        "td{border-bottom:1px solid #ddd;padding:4px 8px}img{max-width:100%}</style></head><body>"
+        f"<h1>Report: {html.escape(folder.name)}</h1><table>{table}</table>{images}"
+        f"<h2>Config</h2><pre>{html.escape(config_text)}</pre></body></html>"
+    )

@@ -1,0 +1,435 @@
+"""The training loop behind ``neuronwise run``: data, model, optimizer, schedule, method callbacks,
+evaluation, checkpoints and exact resume.
+
+Epoch order (METHODS.md §1): train → evaluate val/test → callbacks (pruning decides on the validation
+loss) → LR schedule (same pre-pruning validation loss) → record → checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuronwise import data as nwdata
+from neuronwise import distributed, metrics, models
+
+from .config import Config
+from .rundir import RunDir, RunDirError
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+class Callback:
+    """Hook points of the trainer; methods (LOBSTER, SeReNe, NEq, pruning) plug in through them."""
+
+    name = "callback"
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        pass
+
+    def before_backward(self, trainer: "Trainer", logits: torch.Tensor) -> None:
+        pass
+
+    def after_optimizer_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
+        """Called after evaluation, before the LR schedule; may add entries to ``record``."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    samples: int
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(config: Config, parameters) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(parameters, lr=o.lr, momentum=o.momentum,
+                               weight_decay=o.weight_decay, nesterov=o.nesterov)
+    if o.name == "adam":
+        return torch.optim.Adam(parameters, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(parameters, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(config: Config, optimizer):
+    s = config.schedule
+    lr = torch.optim.lr_scheduler
+    if s.name == "plateau":
+        return lr.ReduceLROnPlateau(optimizer, mode="min", factor=s.factor, patience=s.patience,
+                                    threshold=s.threshold, cooldown=s.cooldown)
+    if s.name == "multistep":
+        return lr.MultiStepLR(optimizer, milestones=list(s.milestones), gamma=s.factor)
+    if s.name == "step":
+        return lr.StepLR(optimizer, step_size=s.step_size, gamma=s.factor)
+    if s.name == "cosine":
+        return lr.CosineAnnealingLR(optimizer, T_max=max(1, config.train.epochs))
+    return None
+
+
+def _scheduler_state(scheduler) -> dict:
+    state = dict(scheduler.state_dict())
+    # MultiStepLR keeps a Counter, which weights_only loading refuses; a dict carries the same.
+    if "milestones" in state:
+        state["milestones"] = dict(state["milestones"])
+    return state
+
+
+def _load_scheduler_state(scheduler, state: dict) -> None:
+    from collections import Counter
+
+    state = dict(state)
+    if "milestones" in state:
+        state["milestones"] = Counter(state["milestones"])
+    scheduler.load_state_dict(state)
+
+
+class Trainer:
+    """Runs one experiment config in one run directory (rank 0 writes; every rank trains)."""
+
+    def __init__(self, config: Config, run_dir: str, resume: bool = False,
+                 progress: bool | None = None, log: Callable[[str], None] | None = None):
+        self.config = config
+        self.run = RunDir(run_dir)
+        self.resume = resume
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self._log = log or (lambda line: print(line, flush=True))
+        self.history: list[dict] = []
+        self.best: dict = {"val_accuracy": -1.0, "epoch": 0}
+        self.epoch = 0
+        self.callbacks: list[Callback] = []
+        self.tensorboard = None
+
+    # -- setup ------------------------------------------------------------------------------
+    def log(self, line: str) -> None:
+        if distributed.is_main_process():
+            self._log(line)
+
+    def _check_run_dir(self) -> None:
+        if self.resume:
+            if not self.run.holds_run():
+                raise RunDirError(f"{self.run.path}: nothing to resume (no config.yaml/last.pt)")
+            self.run.check_same_run(self.config)
+        elif self.run.holds_run():
+            raise RunDirError(
+                f"{self.run.path}: run directory already holds a run; pass --resume to continue "
+                "it, or choose another --run-dir"
+            )
+
+    def setup(self) -> None:
+        c = self.config
+        if c.train.threads:
+            torch.set_num_threads(c.train.threads)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if c.train.device == "auto"
+            else c.train.device
+        )
+        seed_everything(c.train.seed)
+        rank, world = distributed.rank(), distributed.world_size()
+        if c.data.batch_size % world:
+            raise ValueError(f"data.batch_size: {c.data.batch_size} is not divisible by the world "
+                             f"size {world} (the batch size is global)")
+        info = nwdata.DATASETS.get(c.data.name)
+        if info is None:
+            raise ValueError(f"data.name: unknown dataset {c.data.name!r} "
+                             f"(expected one of {sorted(nwdata.DATASETS)})")
+        root = nwdata.resolve_root(c.data.root)
+        full_train = nwdata.load(c.data.name, split="train", root=root)
+        test = nwdata.load(c.data.name, split="test", root=root)
+        if c.data.limit_train:
+            full_train = full_train.subset(torch.arange(min(c.data.limit_train, len(full_train))))
+        if c.data.limit_test:
+            test = test.subset(torch.arange(min(c.data.limit_test, len(test))))
+        self.train_set, self.val_set = nwdata.train_val_split(
+            full_train, val_fraction=c.data.val_fraction, seed=c.data.split_seed)
+        self.test_set = test
+        self.train_loader = nwdata.TensorLoader(
+            self.train_set, batch_size=c.data.batch_size // world, shuffle=True,
+            augment=c.data.augment, seed=c.train.seed, rank=rank, world_size=world)
+        self.val_loader = self._eval_loader(self.val_set)
+        self.test_loader = self._eval_loader(self.test_set)
+
+        self.model = models.create(c.model.name, num_classes=info.num_classes,
+                                   in_channels=info.in_channels, image_size=info.image_size,
+                                   **c.model.kwargs).to(self.device)
+        self.example_input = torch.zeros(1, info.in_channels, info.image_size, info.image_size,
+                                         device=self.device)
+        if c.model.init_from:
+            self._load_model_weights(c.model.init_from)
+        self.train_model: nn.Module = self.model
+        if distributed.is_distributed():
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = build_optimizer(c, self.model.parameters())
+        self.scheduler = build_scheduler(c, self.optimizer)
+
+        from .methods import build_callbacks
+
+        self.callbacks = build_callbacks(self)
+
+    def _load_model_weights(self, path: str) -> None:
+        from .rundir import load_checkpoint
+
+        state = load_checkpoint(path)["model"]
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as error:
+            raise RunDirError(f"{path}: model.init_from does not fit model "
+                              f"{self.config.model.name!r} ({str(error).splitlines()[0]})") from None
+
+    def _eval_loader(self, dataset):
+        # Each rank evaluates a disjoint, unpadded shard; the sums are all-reduced in evaluate().
+        world, rank = distributed.world_size(), distributed.rank()
+        if world > 1:
+            dataset = dataset.subset(torch.arange(rank, len(dataset), world))
+        return nwdata.TensorLoader(dataset, batch_size=self.config.data.eval_batch_size)
+
+    # -- loops ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader) -> Evaluation:
+        """Mean cross-entropy and top-1 accuracy, summed over ranks (eval mode, mode restored)."""
+        was_training = self.model.training
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64)
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self.model(x)
+            totals[0] += F.cross_entropy(logits, y, reduction="sum").item()
+            totals[1] += (logits.argmax(1) == y).sum().item()
+            totals[2] += y.numel()
+        distributed.all_reduce_sum(totals)
+        self.model.train(was_training)
+        samples = int(totals[2].item())
+        if samples == 0:
+            return Evaluation(float("nan"), float("nan"), 0)
+        return Evaluation(totals[0].item() / samples, 100.0 * totals[1].item() / samples, samples)
+
+    def validation_loss(self) -> float:
+        return self.evaluate(self.val_loader).loss
+
+    def train_epoch(self, epoch: int) -> Evaluation:
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        totals = torch.zeros(3, dtype=torch.float64)
+        batches = self.train_loader
+        bar = None
+        if self.progress and distributed.is_main_process():
+            from tqdm.auto import tqdm
+
+            bar = batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr)
+        for x, y in batches:
+            x, y = x.to(self.device), y.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.train_model(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"epoch {epoch}: training loss is {loss.item()} (not finite); stopped, "
+                    f"the last good checkpoint {self.run.last_path} is kept")
+            for callback in self.callbacks:
+                callback.before_backward(self, logits)
+            loss.backward()
+            self.optimizer.step()
+            for callback in self.callbacks:
+                callback.after_optimizer_step(self)
+            totals[0] += loss.item() * y.numel()
+            totals[1] += (logits.detach().argmax(1) == y).sum().item()
+            totals[2] += y.numel()
+        if bar is not None:
+            bar.close()
+        distributed.all_reduce_sum(totals)
+        samples = int(totals[2].item())
+        return Evaluation(totals[0].item() / samples, 100.0 * totals[1].item() / samples, samples)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": _scheduler_state(self.scheduler) if self.scheduler else None,
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "history": self.history,
+            "best": self.best,
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        model_state = state["model"]
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(model_state))
+        unexpected = sorted(set(model_state) - set(own))
+        shapes = [k for k in own if k in model_state and own[k].shape != model_state[k].shape]
+        if missing or unexpected or shapes:
+            details = []
+            if missing:
+                details.append(f"missing {missing[:5]}")
+            if unexpected:
+                details.append(f"unexpected {unexpected[:5]}")
+            if shapes:
+                details.append("shape mismatch " + ", ".join(
+                    f"{k}: {tuple(model_state[k].shape)} vs {tuple(own[k].shape)}"
+                    for k in shapes[:5]))
+            raise RunDirError(f"{self.run.last_path}: checkpoint does not fit the model "
+                              f"({'; '.join(details)})")
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            _load_scheduler_state(self.scheduler, state["scheduler"])
+        for callback in self.callbacks:
+            callback.load_state_dict(state["callbacks"].get(callback.name, {}))
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.epoch = int(state["epoch"])
+        _set_rng_state(state["rng"])
+
+    def _save(self) -> None:
+        if not distributed.is_main_process():
+            return
+        self.run.save_last(self.state_dict())
+        self.run.write_metrics(self.history)
+
+    # -- main -------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        main = distributed.is_main_process()
+        if main:
+            self._check_run_dir()
+            self.run.acquire()
+        try:
+            self.setup()
+            if self.resume:
+                self.load_state_dict(self.run.load_last())
+                self.log(f"resumed {self.run.path} after epoch {self.epoch}")
+            elif main:
+                self.run.write_config(self.config)
+                self.run.write_info(self.config.train.seed)
+            for callback in self.callbacks:
+                callback.on_fit_start(self)
+            self._open_tensorboard()
+            while self.epoch < self.config.train.epochs:
+                self._run_epoch(self.epoch + 1)
+            return self.history
+        finally:
+            # A live DDP wrapper at process-group teardown aborts the worker (torch 2.13).
+            self.train_model = getattr(self, "model", None)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            self.run.release()
+
+    def _run_epoch(self, epoch: int) -> None:
+        started = time.perf_counter()
+        train = self.train_epoch(epoch)
+        train_time = time.perf_counter() - started
+        val, test = self.evaluate(self.val_loader), self.evaluate(self.test_loader)
+        record = {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train.loss, "train_accuracy": train.accuracy,
+            "val_loss": val.loss, "val_accuracy": val.accuracy,
+            "test_loss": test.loss, "test_accuracy": test.accuracy,
+        }
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, record)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val.loss)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        sparsity = metrics.sparsity_report(self.model, convention="paper")
+        neurons = metrics.count_neurons(self.model)
+        record.update({
+            "params_paper": sparsity["total"], "nonzero_paper": sparsity["nonzero"],
+            "remaining_percent_paper": sparsity["remaining_percent"],
+            "nonzero_all": metrics.count_nonzero(self.model, convention="all"),
+            "neurons_alive": neurons["total"][0], "neurons_total": neurons["total"][1],
+            "train_time_s": round(train_time, 4),
+            "epoch_time_s": round(time.perf_counter() - started, 4),
+        })
+        self.epoch = epoch
+        self.history.append(record)
+        if math.isfinite(val.accuracy) and val.accuracy > self.best["val_accuracy"]:
+            self.best = {"val_accuracy": val.accuracy, "epoch": epoch,
+                         "test_accuracy": test.accuracy}
+            if distributed.is_main_process():
+                self.run.save_best({"model": self.model.state_dict(), "epoch": epoch,
+                                    "config": self.config.to_dict()})
+        if epoch % self.config.train.checkpoint_every == 0 or epoch == self.config.train.epochs:
+            self._save()
+        self._write_tensorboard(record)
+        self.log(_format_record(record))
+
+    def _open_tensorboard(self) -> None:
+        if not distributed.is_main_process():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is an optional extra
+            return
+        self.tensorboard = SummaryWriter(log_dir=str(self.run.path / "tensorboard"))
+
+    def _write_tensorboard(self, record: dict) -> None:
+        if self.tensorboard is None:
+            return
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, record["epoch"])
+
+
+def _format_record(record: dict) -> str:
+    line = (f"epoch {record['epoch']:>4}  train loss {record['train_loss']:.4f}  "
+            f"val loss {record['val_loss']:.4f}  test acc {record['test_accuracy']:.2f}%  "
+            f"remaining params {record['remaining_percent_paper']:.2f}%  "
+            f"neurons {record['neurons_alive']}/{record['neurons_total']}  "
+            f"lr {record['lr']:.3g}  {record['epoch_time_s']:.1f}s")
+    if "frozen_percent" in record:
+        line += f"  frozen {record['frozen_percent']:.1f}%"
+    if record.get("pruned"):
+        line += f"  pruned at T={record['threshold']:.3g}"
+    return line

@@ -1,0 +1,151 @@
+"""LOBSTER: loss-based sensitivity regularization (METHODS.md §2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neuronwise.pruning import (
+    PRUNABLE_MODULES,
+    ParameterMask,
+    ParamsLike,
+    _by_device_and_dtype,
+    _use_foreach,
+    resolve_parameters,
+)
+
+# Floor of max|g| in the rescaled variant, so that an all-zero gradient does not divide by zero.
+_RESCALE_EPS = 1e-10
+
+
+class Lobster:
+    r"""LOBSTER regularizer (Tartaglione et al., *Neural Networks* 2022, arXiv 2011.09905).
+
+    Shrinks the parameters to which the loss is insensitive. Call :meth:`step` right after
+    ``optimizer.step()``; for every selected parameter p whose gradient g = ``p.grad`` (∂L/∂p from
+    ``backward``, after AMP unscaling) is not None, with λ = ``lam``:
+
+    .. math::
+        \bar S = \mathrm{relu}(1 - |g|), \qquad p \leftarrow p - \lambda\, p\, \bar S,
+        \qquad p \leftarrow p \odot \mathrm{mask}
+
+    so parameters with |g| ≥ 1 are not decayed. This is the official rule (EIDOSLAB/LOBSTER,
+    ``LOBSTER.py``): the decay is applied to the post-step weights with the pre-step gradient.
+
+    - λ is not multiplied by the learning rate (official code, METHODS.md §2 DECISION);
+      ``scale_by_lr=True`` uses λ·``lr`` (update ``reg.lr`` when a scheduler changes it).
+    - ``rescaled=True`` (SeReNe repository copy): S̄ = 1 − |g| / max(max|g|, 1e-10), max per tensor.
+    - Selected parameters: given a model, every parameter (weights and biases) of ``modules``
+      (default Linear, Conv2d, BatchNorm2d); or an iterable of tensors or param groups.
+    - ``mask`` (default: 1 where p ≠ 0 now) keeps pruned entries at exactly 0 whatever the
+      optimizer does; share it with the pruner, ``PruneOnPlateau(model, mask=reg.mask)``, so that
+      new zeros are kept. Pass a ``ParameterMask(model, granularity="neurons")`` for neuron masks.
+    - ``foreach``: use the ``torch._foreach_*`` kernels (default: when all parameters are on CUDA);
+      the per-tensor loop defines the semantics and the two agree.
+    - Gradients must be finite: after a step that AMP skipped for inf/nan gradients, skip
+      :meth:`step` too.
+    """
+
+    def __init__(
+        self,
+        model_or_params: ParamsLike,
+        lam: float = 1e-4,
+        modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
+        scale_by_lr: bool = False,
+        lr: float | None = None,
+        rescaled: bool = False,
+        foreach: bool | None = None,
+        mask: ParameterMask | None = None,
+    ) -> None:
+        self.lam = _check_lam(lam)
+        self.scale_by_lr = bool(scale_by_lr)
+        self.lr = _check_lr(lr, self.scale_by_lr)
+        self.rescaled = bool(rescaled)
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
+        self.foreach = foreach
+        self.params = resolve_parameters(model_or_params, modules)
+        if mask is not None and not isinstance(mask, ParameterMask):
+            raise TypeError(f"Invalid mask: {type(mask).__name__} (expected ParameterMask or None)")
+        self.mask = mask if mask is not None else ParameterMask(self.params)
+
+    @property
+    def strength(self) -> float:
+        """The decay factor applied at each step: λ, or λ·lr when ``scale_by_lr``."""
+        return self.lam * self.lr if self.scale_by_lr else self.lam
+
+    def _insensitivity(self, grad: Tensor) -> Tensor:
+        sensitivity = grad.abs()
+        if self.rescaled:
+            sensitivity.div_(sensitivity.max().clamp_min(_RESCALE_EPS))
+            return sensitivity.neg_().add_(1.0)
+        return sensitivity.neg_().add_(1.0).clamp_min_(0.0)
+
+    def _decay_loop(self, params: list[Tensor], strength: float) -> None:
+        for p in params:
+            p.add_(p.mul(self._insensitivity(p.grad)), alpha=-strength)
+
+    def _decay_foreach(self, params: list[Tensor], strength: float) -> None:
+        grads = [p.grad for p in params]
+        for group_params, group_grads in _by_device_and_dtype(params, grads):
+            insensitivity = torch._foreach_abs(group_grads)
+            if self.rescaled:
+                maxima = [s.max().clamp_min(_RESCALE_EPS) for s in insensitivity]
+                torch._foreach_div_(insensitivity, maxima)
+                torch._foreach_neg_(insensitivity)
+                torch._foreach_add_(insensitivity, 1.0)
+            else:
+                torch._foreach_neg_(insensitivity)
+                torch._foreach_add_(insensitivity, 1.0)
+                torch._foreach_clamp_min_(insensitivity, 0.0)
+            decay = torch._foreach_mul(group_params, insensitivity)
+            torch._foreach_add_(group_params, decay, alpha=-strength)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Decay the insensitive parameters, then re-apply the mask."""
+        params = [p for p in self.params if p.grad is not None and p.numel()]
+        use_foreach = _use_foreach(self.foreach, self.params)
+        strength = self.strength
+        if params and strength != 0:
+            if use_foreach:
+                self._decay_foreach(params, strength)
+            else:
+                self._decay_loop(params, strength)
+        self.mask.apply(foreach=use_foreach)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lam": self.lam,
+            "scale_by_lr": self.scale_by_lr,
+            "lr": self.lr,
+            "rescaled": self.rescaled,
+            "mask": self.mask.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.lam = _check_lam(state_dict["lam"])
+        self.scale_by_lr = bool(state_dict["scale_by_lr"])
+        self.lr = _check_lr(state_dict["lr"], self.scale_by_lr)
+        self.rescaled = bool(state_dict["rescaled"])
+        self.mask.load_state_dict(state_dict["mask"])
+
+
+def _check_lam(lam: Any) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
+        raise ValueError(f"Invalid lam: {lam!r} (expected >= 0)")
+    return float(lam)
+
+
+def _check_lr(lr: Any, required: bool) -> float | None:
+    if lr is None:
+        if required:
+            raise ValueError("Invalid lr: None (expected a float > 0 when scale_by_lr=True)")
+        return None
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"Invalid lr: {lr!r} (expected > 0)")
+    return float(lr)

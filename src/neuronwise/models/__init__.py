@@ -1,0 +1,114 @@
+"""Model registry: ``create(name, ...)`` builds any architecture of METHODS.md §7 by name.
+
+Every builder takes ``num_classes``, ``in_channels`` and ``image_size`` (square inputs), plus its
+own keyword options; every model names its final ``nn.Linear`` ``classifier``, uses ``nn.ReLU``
+and ``nn.Flatten`` modules, PyTorch's default initialization, and is torch.fx-traceable.
+
+>>> model = create("lenet5", num_classes=10)
+>>> classifier_name(model)
+'classifier'
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, TypeVar
+
+from torch import nn
+
+from neuronwise.models.alexnet import AlexNetCifar
+from neuronwise.models.lenet import MLP, LeNet5, LeNet300
+from neuronwise.models.resnet_cifar import (
+    BasicBlock,
+    ResNetCifar,
+    ShortcutA,
+    resnet20,
+    resnet32,
+    resnet56,
+)
+from neuronwise.models.vgg import VGG16Cifar
+
+__all__ = [
+    "MLP",
+    "AlexNetCifar",
+    "BasicBlock",
+    "LeNet5",
+    "LeNet300",
+    "ResNetCifar",
+    "ShortcutA",
+    "VGG16Cifar",
+    "available",
+    "classifier_name",
+    "create",
+    "register",
+]
+
+Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+
+_COMMON = ("num_classes", "in_channels", "image_size")
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator adding a builder ``fn(num_classes, in_channels, image_size, **options)``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Invalid model name: {name!r} (expected a non-empty string)")
+
+    def decorator(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"Invalid model name: {name!r} (already registered)")
+        missing = [p for p in _COMMON if p not in inspect.signature(builder).parameters]
+        if missing:
+            raise TypeError(f"Builder for {name!r} lacks the parameters {missing}")
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create(
+    name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwargs
+) -> nn.Module:
+    """Build the registered model ``name``; ``kwargs`` are that model's own options."""
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown model: {name!r} (available: {', '.join(available())})")
+    for field, value in zip(_COMMON, (num_classes, in_channels, image_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {field}: {value!r} (expected a positive int)")
+    builder = _REGISTRY[name]
+    parameters = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    options = [p for p in parameters if p not in _COMMON]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown and not takes_any:
+        expected = f"expected one of: {', '.join(options)}" if options else "it takes no options"
+        raise ValueError(f"Invalid option for model {name!r}: {unknown[0]!r} ({expected})")
+    return builder(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs
+    )
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Name of the classifier head: the last ``nn.Linear`` in ``named_modules()`` order."""
+    name = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            name = module_name
+    if name is None:
+        raise ValueError(f"Invalid model: {type(model).__name__} has no nn.Linear classifier")
+    return name
+
+
+register("alexnet")(AlexNetCifar)
+register("lenet300")(LeNet300)
+register("lenet5")(LeNet5)
+register("mlp")(MLP)
+register("resnet20")(resnet20)
+register("resnet32")(resnet32)
+register("resnet56")(resnet56)
+register("vgg16")(VGG16Cifar)

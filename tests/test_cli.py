@@ -1,0 +1,118 @@
+"""The CLI end to end on the embedded digits data: runs, resume, reports, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neuronwise.experiment.cli import main
+
+QUICK = ["--set", "train.epochs=2", "--set", "data.batch_size=64"]
+
+
+def run_cli(*argv):
+    return main([str(a) for a in argv])
+
+
+def files_snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_quickstart_writes_a_complete_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, *QUICK) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and str(run) in out
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "run_info.json"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert "model" in state
+    assert run_cli("report", run) == 0
+    assert (run / "report.md").read_text().startswith("# Report")
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, *QUICK) == 0
+    before = files_snapshot(run)
+    capsys.readouterr()
+    assert run_cli("quickstart", "--run-dir", run, *QUICK) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds a run" in err and "--resume" in err
+    assert run_cli("quickstart", "--run-dir", run, "--resume", *QUICK, "--set", "optim.lr=0.5") == 2
+    assert "belongs to another config (differs in optim.lr)" in capsys.readouterr().err
+    assert files_snapshot(run) == before
+
+
+def test_resume_continues_exactly(tmp_path):
+    """2 epochs + resume to 4 gives the same weights and metrics as 4 epochs in one go."""
+    settings = ["--set", "data.batch_size=64", "--set", "optim.momentum=0.9"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_cli("quickstart", "--run-dir", whole, *settings, "--set", "train.epochs=4") == 0
+    assert run_cli("quickstart", "--run-dir", split, *settings, "--set", "train.epochs=2") == 0
+    assert run_cli("quickstart", "--run-dir", split, "--resume", *settings,
+                   "--set", "train.epochs=4") == 0
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(split / "last.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+    def strip(path):
+        records = [json.loads(x) for x in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in records]
+
+    assert strip(whole / "metrics.jsonl") == strip(split / "metrics.jsonl")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["quickstart", "--set", "model.name=lenet9000"], "lenet9000"),
+        (["quickstart", "--set", "data.name=imagenet21k"], "imagenet21k"),
+        (["quickstart", "--set", "optim.name=lbfgs"], "optim.name"),
+        (["quickstart", "--set", "train.epochz=1"], "did you mean 'epochs'"),
+        (["run", "missing.yaml"], "config file not found"),
+        (["report", "no/such/run"], "run directory not found"),
+        (["quickstart", "--resume"], "--resume needs --run-dir"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    if "--resume" not in argv and argv[0] == "quickstart":
+        argv = argv + ["--run-dir", str(tmp_path / "r")]
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+def test_missing_real_data_is_a_clear_error(tmp_path, capsys):
+    code = run_cli("quickstart", "--run-dir", tmp_path / "r", "--set", "data.name=mnist",
+                   "--set", "model.name=lenet300", "--data-root", tmp_path / "empty")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and err.strip().count("\n") == 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, *QUICK) == 0
+    good = (run / "last.pt").read_bytes()
+    from neuronwise.experiment import trainer
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan")))
+    code = run_cli("quickstart", "--run-dir", run, "--resume", "--set", "data.batch_size=64",
+                   "--set", "train.epochs=3")
+    assert code == 1
+    assert "not finite" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == good
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "neuronwise", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "quickstart" in result.stdout
