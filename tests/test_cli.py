@@ -116,3 +116,30 @@ def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "neuronwise", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["method=neq", "neq.val_size=0.05"],
+        ["method=none", "pruning.schedule=oneshot", "pruning.sparsity=0.5"],
+        ["method=none", "pruning.schedule=iterative", "pruning.fraction=0.3"],
+        ["method=none", "pruning.schedule=gradual", "pruning.end_epoch=2"],
+    ],
+    ids=["neq", "oneshot", "iterative", "gradual"],
+)
+def test_every_method_runs_and_resumes_exactly(tmp_path, settings):
+    flags = ["--set", "data.batch_size=128"] + [x for s in settings for x in ("--set", s)]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_cli("quickstart", "--run-dir", whole, *flags, "--set", "train.epochs=3") == 0
+    assert run_cli("quickstart", "--run-dir", split, *flags, "--set", "train.epochs=2") == 0
+    assert run_cli("quickstart", "--run-dir", split, "--resume", *flags,
+                   "--set", "train.epochs=3") == 0
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(split / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    records = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    if "method=neq" in settings:
+        assert all("frozen_percent" in r and "backward_flops" in r for r in records)
+    if any("sparsity" in s or "schedule=iterative" in s for s in settings):
+        assert records[-1]["remaining_percent_paper"] < 100.0

@@ -7,6 +7,7 @@ plain classes that take a model, with ``step()`` and ``state_dict()``, usable in
 from neuronwise import data, distributed, metrics, models, pruning, sharpness
 from neuronwise.entropy import LayerEntropy, PSPEntropy, psp_entropy
 from neuronwise.lobster import Lobster
+from neuronwise.neq import NEq
 from neuronwise.pruning import (
     GradualMagnitudePruning,
     IterativeMagnitudePruning,
@@ -23,6 +24,7 @@ __all__ = [
     "IterativeMagnitudePruning",
     "LayerEntropy",
     "Lobster",
+    "NEq",
     "PSPEntropy",
     "ParameterMask",
     "PruneOnPlateau",
