@@ -20,7 +20,7 @@ def test_second_writer_is_refused_and_stale_lock_replaced(tmp_path):
     first.release()
     # A lock left by a process that no longer exists (this host) is stale.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+                          capture_output=True, text=True, check=True).stdout.strip()
     import socket
 
     (tmp_path / ".lock").write_text(f"{dead}@{socket.gethostname()}")

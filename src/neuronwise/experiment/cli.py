@@ -96,7 +96,7 @@ def cmd_simplify(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .tools import analyze_run
+    from .analysis import analyze_run
 
     print(analyze_run(args.run_dir, entropy=args.entropy, sharpness=args.sharpness,
                       checkpoint=args.checkpoint, data_root=args.data_root))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -24,21 +25,21 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: str = "digits"
-    root: Optional[str] = None
+    root: str | None = None
     val_fraction: float = 0.1
     split_seed: int = 0
     batch_size: int = 100
     eval_batch_size: int = 1000
-    augment: Optional[Literal["cifar"]] = None
-    limit_train: Optional[int] = None
-    limit_test: Optional[int] = None
+    augment: Literal["cifar"] | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
 
 
 @dataclass
 class ModelConfig:
     name: str = "mlp"
     kwargs: dict = field(default_factory=dict)
-    init_from: Optional[str] = None  # a checkpoint whose "model" weights start the run
+    init_from: str | None = None  # a checkpoint whose "model" weights start the run
 
 
 @dataclass
@@ -83,7 +84,7 @@ class NEqConfig:
     velocity: Literal["paper", "official"] = "paper"
     val_size: float = 0.001
     selection: Literal["threshold", "random", "topk"] = "threshold"
-    trained_fraction: Optional[float] = None
+    trained_fraction: float | None = None
     warmup: int = 1
     mode: Literal["optim", "grad", "restore"] = "optim"
     skip_frozen_grads: bool = False
@@ -111,7 +112,7 @@ class TrainConfig:
     epochs: int = 10
     seed: int = 0
     device: str = "cpu"
-    threads: Optional[int] = None
+    threads: int | None = None
     checkpoint_every: int = 1
 
 
@@ -151,7 +152,7 @@ def _describe(value: Any) -> str:
 
 def _coerce(kind: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(kind)
-    if origin is Union:
+    if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(kind) if a is not type(None)]
         if value is None:
             return None

@@ -22,13 +22,13 @@ if TYPE_CHECKING:
 class LobsterCallback(Callback):
     name = "lobster"
 
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer: Trainer):
         c = trainer.config.lobster
         self.regularizer = nw.Lobster(trainer.model, lam=c.lam, scale_by_lr=c.scale_by_lr,
                                       lr=trainer.config.optim.lr if c.scale_by_lr else None,
                                       rescaled=c.rescaled)
 
-    def after_optimizer_step(self, trainer: "Trainer") -> None:
+    def after_optimizer_step(self, trainer: Trainer) -> None:
         self.regularizer.step()
 
     def state_dict(self) -> dict:
@@ -42,14 +42,14 @@ class LobsterCallback(Callback):
 class SeReNeCallback(Callback):
     name = "serene"
 
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer: Trainer):
         c = trainer.config.serene
         self.regularizer = nw.SeReNe(trainer.model, lam=c.lam, variant=c.variant)
 
-    def before_backward(self, trainer: "Trainer", logits: torch.Tensor) -> None:
+    def before_backward(self, trainer: Trainer, logits: torch.Tensor) -> None:
         self.regularizer.compute(logits)
 
-    def after_optimizer_step(self, trainer: "Trainer") -> None:
+    def after_optimizer_step(self, trainer: Trainer) -> None:
         self.regularizer.step()
 
     def state_dict(self) -> dict:
@@ -63,7 +63,7 @@ class SeReNeCallback(Callback):
 class NEqCallback(Callback):
     name = "neq"
 
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer: Trainer):
         c = trainer.config.neq
         count = max(1, round(c.val_size * len(trainer.train_set)))
         generator = torch.Generator().manual_seed(trainer.config.train.seed)
@@ -77,7 +77,7 @@ class NEqCallback(Callback):
         self.example_input = trainer.example_input
         self.total_backward = nw.metrics.backward_flops(trainer.model, trainer.example_input)
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
         # The frozen set used during the epoch that just ended is what the accounting charges.
         record["frozen_percent"] = 100.0 * self.neq.frozen_fraction()
         backward = self.neq.backward_flops(self.example_input)
@@ -98,7 +98,7 @@ class PlateauPruningCallback(Callback):
 
     name = "pruning"
 
-    def __init__(self, trainer: "Trainer", modules, mask=None):
+    def __init__(self, trainer: Trainer, modules, mask=None):
         c = trainer.config.pruning
         self.pruner = pruning.PruneOnPlateau(
             trainer.model, evaluate=trainer.validation_loss, patience=c.patience,
@@ -107,11 +107,11 @@ class PlateauPruningCallback(Callback):
         # A regularizer applies its own (shared) mask; alone, the pruner's mask is applied here.
         self.apply_mask = mask is None
 
-    def after_optimizer_step(self, trainer: "Trainer") -> None:
+    def after_optimizer_step(self, trainer: Trainer) -> None:
         if self.apply_mask:
             self.pruner.mask.apply()
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
         result = self.pruner.step(record["val_loss"])
         record["pruned"] = result is not None
         if result is not None:
@@ -133,7 +133,7 @@ class MagnitudePruningCallback(Callback):
 
     name = "pruning"
 
-    def __init__(self, trainer: "Trainer", modules, mask=None):
+    def __init__(self, trainer: Trainer, modules, mask=None):
         c = trainer.config.pruning
         self.kind = c.schedule
         self.mask = mask or pruning.ParameterMask(trainer.model, modules)
@@ -151,21 +151,21 @@ class MagnitudePruningCallback(Callback):
                 modules=modules, mask=self.mask)
         self.done = False
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         # One-shot at start_epoch 0 prunes the (e.g. pretrained, model.init_from) model up front.
         if self.kind == "oneshot" and trainer.config.pruning.start_epoch == 0 and not self.done:
             self._prune_once(trainer)
 
-    def _prune_once(self, trainer: "Trainer") -> None:
+    def _prune_once(self, trainer: Trainer) -> None:
         pruning.global_magnitude_prune(trainer.model, trainer.config.pruning.sparsity,
                                        modules=self.modules, mask=self.mask)
         self.done = True
 
-    def after_optimizer_step(self, trainer: "Trainer") -> None:
+    def after_optimizer_step(self, trainer: Trainer) -> None:
         if self.apply_mask:
             self.mask.apply()
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
         if self.kind == "oneshot":
             if not self.done and trainer.epoch + 1 >= trainer.config.pruning.start_epoch:
                 self._prune_once(trainer)
@@ -196,7 +196,7 @@ _PRUNABLE = {
 }
 
 
-def build_callbacks(trainer: "Trainer") -> list[Callback]:
+def build_callbacks(trainer: Trainer) -> list[Callback]:
     """The callbacks a config asks for, in the order the trainer calls them."""
     c = trainer.config
     callbacks: list[Callback] = []

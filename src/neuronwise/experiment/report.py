@@ -52,11 +52,11 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
     last = history[-1]
     rows = [
         ("epochs", str(last["epoch"])),
-        ("final test accuracy / error", f"{last['test_accuracy']:.2f}% / "
-                                        f"{100 - last['test_accuracy']:.2f}%"),
+        ("final test accuracy / error", (f"{last['test_accuracy']:.2f}% / "
+                                        f"{100 - last['test_accuracy']:.2f}%")),
         ("remaining parameters ('paper': Linear+Conv2d weights+biases)",
-         f"{last['nonzero_paper']:,} of {last['params_paper']:,} "
-         f"({last['remaining_percent_paper']:.3f}%)"),
+         (f"{last['nonzero_paper']:,} of {last['params_paper']:,} "
+         f"({last['remaining_percent_paper']:.3f}%)")),
         ("non-zero parameters ('all': every parameter)", f"{last['nonzero_all']:,}"),
         ("alive neurons (Linear rows / Conv2d channels with a non-zero weight)",
          f"{last['neurons_alive']} of {last['neurons_total']}"),
@@ -64,8 +64,8 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
     ]
     if best:
         rows.append(("best validation accuracy (epoch)",
-                     f"{best['val_accuracy']:.2f}% ({best['epoch']}), "
-                     f"test there {best.get('test_accuracy', float('nan')):.2f}%"))
+                     (f"{best['val_accuracy']:.2f}% ({best['epoch']}), "
+                     f"test there {best.get('test_accuracy', float('nan')):.2f}%")))
     pruned = [r for r in history if r.get("pruned")]
     if pruned:
         rows.append(("pruning events", str(len(pruned))))

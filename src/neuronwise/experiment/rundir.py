@@ -181,7 +181,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise RunDirError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or unsafe files
+    except Exception as error:  # noqa: BLE001 - torch raises many types for corrupt/unsafe files
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RunDirError(f"{path}: unreadable checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or "model" not in state:
@@ -206,7 +206,8 @@ def _git_commit() -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=source, capture_output=True, text=True, timeout=10).stdout
+                               cwd=source, capture_output=True, text=True, timeout=10,
+                               check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty.strip() else "")

@@ -11,8 +11,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,16 +38,16 @@ class Callback:
 
     name = "callback"
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         pass
 
-    def before_backward(self, trainer: "Trainer", logits: torch.Tensor) -> None:
+    def before_backward(self, trainer: Trainer, logits: torch.Tensor) -> None:
         pass
 
-    def after_optimizer_step(self, trainer: "Trainer") -> None:
+    def after_optimizer_step(self, trainer: Trainer) -> None:
         pass
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
         """Called after evaluation, before the LR schedule; may add entries to ``record``."""
 
     def state_dict(self) -> dict:
