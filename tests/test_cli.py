@@ -143,3 +143,23 @@ def test_every_method_runs_and_resumes_exactly(tmp_path, settings):
         assert all("frozen_percent" in r and "backward_flops" in r for r in records)
     if any("sparsity" in s or "schedule=iterative" in s for s in settings):
         assert records[-1]["remaining_percent_paper"] < 100.0
+
+
+def test_serene_run_then_simplify_and_export(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    flags = ["--set", "method=serene", "--set", "serene.lam=0.05", "--set", "pruning.patience=0",
+             "--set", "pruning.granularity=neurons", "--set", "data.batch_size=128"]
+    assert run_cli("quickstart", "--run-dir", run, *flags, "--set", "train.epochs=3") == 0
+    capsys.readouterr()
+    assert run_cli("simplify", run, "--export", tmp_path / "model.onnx") == 0
+    out = capsys.readouterr().out
+    assert "latency batch 256" in out and (tmp_path / "model.onnx").stat().st_size > 0
+    summary = json.loads((run / "simplify.json").read_text())
+    assert summary["simplified"]["params_all"] <= summary["dense"]["params_all"]
+    assert summary["max_abs_output_difference"] < 1e-4
+    from neuronwise.simplify import load_simplified
+
+    small = load_simplified(run / "simplified.pt")
+    x = torch.randn(4, 1, 8, 8)
+    assert small(x).shape == (4, 10)

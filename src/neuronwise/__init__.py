@@ -8,6 +8,8 @@ from neuronwise import data, distributed, metrics, models, pruning, sharpness
 from neuronwise.entropy import LayerEntropy, PSPEntropy, psp_entropy
 from neuronwise.lobster import Lobster
 from neuronwise.neq import NEq
+from neuronwise.serene import SeReNe
+from neuronwise.simplify import simplify
 from neuronwise.pruning import (
     GradualMagnitudePruning,
     IterativeMagnitudePruning,
@@ -28,6 +30,7 @@ __all__ = [
     "PSPEntropy",
     "ParameterMask",
     "PruneOnPlateau",
+    "SeReNe",
     "data",
     "distributed",
     "global_magnitude_prune",
@@ -36,6 +39,7 @@ __all__ = [
     "psp_entropy",
     "pruning",
     "sharpness",
+    "simplify",
     "threshold_search",
     "__version__",
 ]

@@ -1,0 +1,165 @@
+"""SeReNe: neuron-level sensitivity regularization (Tartaglione et al., IEEE TNNLS 2022)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .pruning import ParameterMask, _by_device_and_dtype, _use_foreach
+from .sensitivity import VARIANTS, NeuronActivations, neuron_sensitivity
+
+
+class SeReNe:
+    r"""Decays all incoming weights of each insensitive neuron together, after ``optimizer.step()``.
+
+    For every ``Linear``/``Conv2d`` neuron k with sensitivity S_k (:func:`neuron_sensitivity`,
+    α = 1/C) and insensitivity S̄_k = relu(1 − S_k), with each weight viewed as (out, −1):
+
+    .. math::
+        W[k] \leftarrow W[k] - \lambda \, \bar S_k \, W[k]
+
+    then the mask sets pruned parameters (weights and biases of these modules) back to zero. Biases
+    and BatchNorm are not regularized. λ is not multiplied by the learning rate (official code). The
+    update uses the weights after the optimizer step and the sensitivity of the forward before it,
+    as in the official pipeline (METHODS §1, §3).
+
+    Each iteration::
+
+        logits = model(x)                 # hooks record every z
+        reg.compute(logits)               # extra backward(s) to the z's; .grad untouched
+        F.cross_entropy(logits, y).backward()
+        optimizer.step()
+        reg.step()
+
+    ``compute`` must run before ``optimizer.step()``: autograd refuses to differentiate through
+    weights that were changed in place. It can run before or after ``loss.backward(retain_graph=True)``.
+    Several ``compute`` calls before one ``step`` (gradient accumulation) average their sensitivities.
+    Share the mask with the pruner so that its new zeros are kept:
+    ``PruneOnPlateau(model, evaluate, modules=(nn.Linear, nn.Conv2d), mask=reg.mask)``.
+
+    Args:
+        model: the network (or its DDP wrapper).
+        lam: regularization strength λ ≥ 0.
+        variant: ``"lower-bound"`` (default), ``"full"`` or ``"local"``.
+        modules: regularized module types.
+        foreach: use the multi-tensor kernels (default: on CUDA only, as ``torch.optim``).
+        mask: the :class:`~neuronwise.pruning.ParameterMask` to apply (default: 1 where p ≠ 0 now,
+            over the weights and biases of ``modules``); pass
+            ``ParameterMask(model, (nn.Linear, nn.Conv2d), granularity="neurons")`` for neuron masks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float,
+        variant: str = "lower-bound",
+        modules: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+        foreach: bool | None = None,
+        mask: ParameterMask | None = None,
+    ):
+        self.lam = _check_lam(lam)
+        if variant not in VARIANTS:
+            raise ValueError(f"Invalid variant: {variant!r} (expected one of {VARIANTS})")
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
+        self.variant = variant
+        self.activations = NeuronActivations(model, modules)
+        self.foreach = foreach
+        if mask is not None and not isinstance(mask, ParameterMask):
+            raise TypeError(f"Invalid mask: {type(mask).__name__} (expected ParameterMask or None)")
+        self.mask = mask if mask is not None else ParameterMask(model, modules)
+        self._sums: dict[str, Tensor] = {}
+        self._count = 0
+
+    def compute(self, logits: Tensor | None = None) -> dict[str, Tensor]:
+        """Accumulate the sensitivities of the last forward and return them (name → S).
+
+        ``logits`` is unused by ``"local"``. The recorded z's are released afterwards.
+        """
+        if not self.activations.outputs:
+            raise RuntimeError(
+                "SeReNe.compute: no recorded activations (call it after a grad-enabled forward "
+                "of the model passed to SeReNe, once per forward)"
+            )
+        sensitivity = neuron_sensitivity(logits, self.activations, self.variant)
+        self.activations.clear()
+        for name, s in sensitivity.items():
+            if name in self._sums:
+                self._sums[name].add_(s)
+            else:
+                self._sums[name] = s.clone()
+        self._count += 1
+        return sensitivity
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply W[k] ← W[k] − λ·relu(1 − S_k)·W[k], then keep pruned parameters at zero."""
+        if self._count == 0:
+            raise RuntimeError(
+                "SeReNe.step: no sensitivity (call reg.compute(logits) after the forward and "
+                "before optimizer.step())"
+            )
+        weights, factors = [], []
+        for name, module in self.activations.modules.items():
+            if name not in self._sums:
+                continue
+            w = module.weight
+            insensitivity = torch.relu(1.0 - self._sums[name] / self._count).to(w)
+            weights.append(w)
+            factors.append(insensitivity.view(-1, *([1] * (w.dim() - 1))).expand_as(w))
+        use_foreach = _use_foreach(self.foreach, weights + self.mask.params)
+        if use_foreach:
+            for group_weights, group_factors in _by_device_and_dtype(weights, factors):
+                torch._foreach_addcmul_(
+                    group_weights, group_factors, group_weights, value=-self.lam
+                )
+        else:
+            for w, f in zip(weights, factors):
+                w.addcmul_(f, w, value=-self.lam)
+        self.mask.apply(foreach=use_foreach)
+        self._sums = {}
+        self._count = 0
+
+    def remove(self) -> None:
+        """Remove the forward hooks from the model."""
+        self.activations.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lam": self.lam,
+            "variant": self.variant,
+            "sums": {k: v.clone() for k, v in self._sums.items()},
+            "count": self._count,
+            "mask": self.mask.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = {"lam", "variant", "sums", "count", "mask"} - set(state_dict)
+        if missing:
+            raise ValueError(f"Invalid SeReNe state_dict: missing keys {sorted(missing)}")
+        if state_dict["variant"] not in VARIANTS:
+            raise ValueError(
+                f"Invalid variant: {state_dict['variant']!r} (expected one of {VARIANTS})"
+            )
+        unknown = set(state_dict["sums"]) - set(self.activations.modules)
+        if unknown:
+            raise ValueError(
+                f"Invalid SeReNe state_dict: modules {sorted(unknown)} are not regularized here"
+            )
+        self.lam = _check_lam(state_dict["lam"])
+        self.mask.load_state_dict(state_dict["mask"])
+        self.variant = state_dict["variant"]
+        self._count = int(state_dict["count"])
+        self._sums = {
+            k: v.clone().to(self.activations.modules[k].weight.device)
+            for k, v in state_dict["sums"].items()
+        }
+
+
+def _check_lam(lam: Any) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
+        raise ValueError(f"Invalid lam: {lam} (expected >= 0)")
+    return float(lam)
