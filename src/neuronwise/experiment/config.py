@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "digits"
     root: str | None = None
+    verify: bool = True  # check file checksums (md5 of decompressed content) before use
     val_fraction: float = 0.1
     split_seed: int = 0
     batch_size: int = 100

@@ -181,8 +181,8 @@ class Trainer:
             raise ValueError(f"data.name: unknown dataset {c.data.name!r} "
                              f"(expected one of {sorted(nwdata.DATASETS)})")
         root = nwdata.resolve_root(c.data.root)
-        full_train = nwdata.load(c.data.name, split="train", root=root)
-        test = nwdata.load(c.data.name, split="test", root=root)
+        full_train = nwdata.load(c.data.name, split="train", root=root, verify=c.data.verify)
+        test = nwdata.load(c.data.name, split="test", root=root, verify=c.data.verify)
         if c.data.limit_train:
             full_train = full_train.subset(torch.arange(min(c.data.limit_train, len(full_train))))
         if c.data.limit_test:
