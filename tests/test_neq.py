@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 import pickle
 
@@ -171,8 +172,8 @@ def test_velocity_matches_closed_forms(form, mu):
     velocities, _ = rotating_neq(angles, form, mu=mu)
     # The weights are float32: φ from the rounded vectors, in float64.
     vectors = [torch.tensor([math.cos(a), math.sin(a)]).double() for a in angles]
-    phi = [1.0] + [float(u @ v / (u.norm() * v.norm())) for u, v in zip(vectors, vectors[1:])]
-    delta = [b - a for a, b in zip(phi, phi[1:])]
+    phi = [1.0] + [float(u @ v / (u.norm() * v.norm())) for u, v in itertools.pairwise(vectors)]
+    delta = [b - a for a, b in itertools.pairwise(phi)]
     for t in range(len(delta)):
         if form == "paper":
             expected = sum((-mu) ** k * delta[t - k] for k in range(t + 1))

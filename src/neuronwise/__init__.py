@@ -8,8 +8,6 @@ from neuronwise import data, distributed, metrics, models, pruning, sharpness
 from neuronwise.entropy import LayerEntropy, PSPEntropy, psp_entropy
 from neuronwise.lobster import Lobster
 from neuronwise.neq import NEq
-from neuronwise.serene import SeReNe
-from neuronwise.simplify import simplify
 from neuronwise.pruning import (
     GradualMagnitudePruning,
     IterativeMagnitudePruning,
@@ -18,6 +16,8 @@ from neuronwise.pruning import (
     global_magnitude_prune,
     threshold_search,
 )
+from neuronwise.serene import SeReNe
+from neuronwise.simplify import simplify
 
 __version__ = "0.1.0"
 
@@ -31,15 +31,15 @@ __all__ = [
     "ParameterMask",
     "PruneOnPlateau",
     "SeReNe",
+    "__version__",
     "data",
     "distributed",
     "global_magnitude_prune",
     "metrics",
     "models",
-    "psp_entropy",
     "pruning",
+    "psp_entropy",
     "sharpness",
     "simplify",
     "threshold_search",
-    "__version__",
 ]

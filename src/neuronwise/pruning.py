@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 GRANULARITIES = ("params", "neurons")
 
-ParamsLike = Union[nn.Module, Iterable[Tensor], Iterable[dict]]
+ParamsLike = nn.Module | Iterable[Tensor] | Iterable[dict]
 
 
 def _check_modules(modules: Any) -> tuple[type[nn.Module], ...]:

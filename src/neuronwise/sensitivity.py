@@ -30,6 +30,28 @@ from . import distributed
 VARIANTS = ("lower-bound", "full", "local")
 
 
+class _OutputRecorder:
+    """Forward hook writing a module's grad-enabled output to ``outputs[name]``.
+
+    A class rather than a closure so that a hooked model still pickles and deep-copies; a copy
+    records into a fresh dictionary of its own, never into the original's.
+    """
+
+    def __init__(self, name: str, outputs: dict[str, Tensor]):
+        self.name = name
+        self.outputs = outputs
+
+    def __call__(self, module: nn.Module, inputs, output: Tensor) -> None:
+        if torch.is_grad_enabled():
+            self.outputs[self.name] = output
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.name, self.outputs = state["name"], {}
+
+
 class NeuronActivations:
     """Forward hooks that keep each module's output z, still attached to the autograd graph.
 
@@ -59,16 +81,10 @@ class NeuronActivations:
             if isinstance(module, tuple(modules)):
                 self.modules[name] = module
                 self.channel_dims[name] = -1 if isinstance(module, nn.Linear) else 1
-                self._handles.append(module.register_forward_hook(self._recorder(name)))
+                recorder = _OutputRecorder(name, self.outputs)
+                self._handles.append(module.register_forward_hook(recorder))
         if not self.modules:
             raise ValueError(f"Invalid model: no module of type {modules!r} to hook")
-
-    def _recorder(self, name: str):
-        def hook(module: nn.Module, inputs, output: Tensor) -> None:
-            if torch.is_grad_enabled():
-                self.outputs[name] = output
-
-        return hook
 
     def clear(self) -> None:
         """Drop the recorded outputs (and with them the graph they keep alive)."""

@@ -14,7 +14,6 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ from neuronwise.entropy import _split_batch
 
 __all__ = ["LandscapeSlice", "Sharpness", "landscape_slice", "sharpness"]
 
-LossSource = Union[Callable[[nn.Module], Union[float, torch.Tensor]], Iterable]
+LossSource = Callable[[nn.Module], float | torch.Tensor] | Iterable
 
 
 @dataclass(frozen=True)

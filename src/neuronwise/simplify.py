@@ -633,8 +633,12 @@ def export_onnx(model: nn.Module, example_input: Tensor | None, path: str | os.P
 
     ``example_input`` may be None for a model returned by :func:`simplify`.
     """
+    try:
+        model.eval()
+    except NotImplementedError:  # a load_simplified (torch.export) module: inference-only already
+        pass
     program = torch.onnx.export(
-        model.eval(),
+        model,
         (_batch_of_two(_example_for(model, example_input)),),
         dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
         dynamo=True,

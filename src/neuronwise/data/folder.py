@@ -52,7 +52,8 @@ def read_image_folder(
             with Image.open(file) as picture:
                 picture.load()
                 pictures.append(picture)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        # Pillow reports some corrupt chunks as SyntaxError ("broken PNG file").
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
             raise DataError(f"{file}: expected a readable image, found {error}") from error
     mode = (
         "L" if all(picture.mode in ("1", "L", "I", "I;16", "F") for picture in pictures) else "RGB"

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -98,8 +99,24 @@ def cmd_simplify(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze_run
 
+    layers = [n for n in args.layers.split(",") if n] if args.layers else None
     print(analyze_run(args.run_dir, entropy=args.entropy, sharpness=args.sharpness,
-                      checkpoint=args.checkpoint, data_root=args.data_root))
+                      checkpoint=args.checkpoint, data_root=args.data_root, layers=layers,
+                      limit=args.limit, draws=args.draws, seed=args.seed))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import load_study, run_study
+
+    overrides = list(args.set or [])
+    if args.data_root:
+        overrides.append(f"base.data.root={args.data_root}")
+    study = load_study(args.config, overrides)
+    study_dir = Path(args.study_dir) if args.study_dir else Path("runs") / study.name
+    command = " ".join(["neuronwise", "study", str(args.config), "--study-dir", str(study_dir)]
+                       + [f"--set {o}" for o in overrides])
+    print(f"report written: {run_study(study, study_dir, command=command)}")
     return 0
 
 
@@ -128,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.set_defaults(func=cmd_quickstart)
 
     report = commands.add_parser("report", help="markdown + HTML report with plots of a run")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="run directory holding metrics.jsonl")
     report.set_defaults(func=cmd_report)
 
     datasets = commands.add_parser("datasets", help="what the data root holds, checksums verified")
@@ -137,19 +154,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     simplify = commands.add_parser("simplify",
                                    help="remove dead neurons of a run's model; measure; export")
-    simplify.add_argument("run_dir")
+    simplify.add_argument("run_dir", help="run directory holding config.yaml and last.pt")
     simplify.add_argument("--export", metavar="FILE.onnx", help="also export to ONNX")
     simplify.add_argument("--checkpoint", default="last", choices=["last", "best"])
     simplify.set_defaults(func=cmd_simplify)
 
     analyze = commands.add_parser("analyze", help="PSP-entropy / sharpness analysis of a run")
-    analyze.add_argument("run_dir")
+    analyze.add_argument("run_dir", help="run directory holding config.yaml and last.pt")
     analyze.add_argument("--entropy", action="store_true", help="PSP-entropy per layer")
     analyze.add_argument("--sharpness", action="store_true", help="loss increase under noise")
     analyze.add_argument("--checkpoint", default="last", choices=["last", "best"])
     analyze.add_argument("--data-root")
+    analyze.add_argument("--layers", metavar="NAME[,NAME]",
+                         help="Linear/Conv2d modules for the entropy (default: all)")
+    analyze.add_argument("--limit", type=int, metavar="N", help="use the first N test samples")
+    analyze.add_argument("--draws", type=int, default=10, help="noise draws per sharpness σ")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of the noise and directions")
     analyze.set_defaults(func=cmd_analyze)
+
+    study = commands.add_parser(
+        "study", help="one-shot vs gradual pruning from one dense model, analysed side by side")
+    study.add_argument("config", help="study YAML, e.g. configs/study/oneshot_vs_gradual_"
+                                      "lenet300_mnist.yaml")
+    study.add_argument("--study-dir", help="study directory (default: runs/NAME); rerunning the "
+                                           "command resumes it")
+    study.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a study value, e.g. --set budget_epochs=50 (repeatable)")
+    study.add_argument("--data-root", help="data folder (default: $NEURONWISE_DATA, else the cache)")
+    study.set_defaults(func=cmd_study)
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line, like errors: e.g. an unreadable last.pt and the fallback to previous.pt.
+    print(f"neuronwise: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import NonFiniteLossError
 
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except NonFiniteLossError as error:
         print(f"neuronwise: error: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -24,107 +24,107 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
-    root: str | None = None
+    name: str = "digits"  # dataset: mnist, fashion-mnist, cifar10, cifar100, digits, imagefolder
+    root: str | None = None  # data folder (default: --data-root, $NEURONWISE_DATA, the cache)
     verify: bool = True  # check file checksums (md5 of decompressed content) before use
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    batch_size: int = 100
-    eval_batch_size: int = 1000
-    augment: Literal["cifar"] | None = None
-    limit_train: int | None = None
-    limit_test: int | None = None
+    val_fraction: float = 0.1  # share of the training set held out for validation
+    split_seed: int = 0  # seed of the train/validation split
+    batch_size: int = 100  # global training batch (divided among DDP ranks)
+    eval_batch_size: int = 1000  # batch of validation/test evaluation
+    augment: Literal["cifar"] | None = None  # "cifar": random crop 32 pad 4 + horizontal flip
+    limit_train: int | None = None  # use only the first N training samples (smoke tests)
+    limit_test: int | None = None  # use only the first N test samples (smoke tests)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
-    kwargs: dict = field(default_factory=dict)
+    name: str = "mlp"  # registry name: lenet300, lenet5, resnet20/32/56, vgg16, alexnet, mlp
+    kwargs: dict = field(default_factory=dict)  # extra builder options, e.g. {variant: 2L}
     init_from: str | None = None  # a checkpoint whose "model" weights start the run
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
+    name: Literal["sgd", "adam", "adamw"] = "sgd"  # optimizer
+    lr: float = 0.1  # learning rate
+    momentum: float = 0.0  # SGD momentum
+    weight_decay: float = 0.0  # L2 (SGD, Adam) or decoupled (AdamW) weight decay
+    nesterov: bool = False  # SGD Nesterov momentum
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule. ``plateau`` is the official LOBSTER/SeReNe ReduceLROnPlateau."""
 
-    name: Literal["none", "plateau", "multistep", "step", "cosine"] = "none"
-    factor: float = 0.1
-    patience: int = 10
-    threshold: float = 0.0
-    cooldown: int = 50
-    milestones: list = field(default_factory=list)
-    step_size: int = 30
+    name: Literal["none", "plateau", "multistep", "step", "cosine"] = "none"  # LR schedule
+    factor: float = 0.1  # multiplicative LR decay (plateau, multistep, step)
+    patience: int = 10  # plateau: epochs without improvement before decaying
+    threshold: float = 0.0  # plateau: relative improvement that counts
+    cooldown: int = 50  # plateau: epochs to wait after a decay
+    milestones: list = field(default_factory=list)  # multistep: epochs at which to decay
+    step_size: int = 30  # step: decay every this many epochs
 
 
 @dataclass
 class LobsterConfig:
-    lam: float = 1e-4
-    scale_by_lr: bool = False
-    rescaled: bool = False
+    lam: float = 1e-4  # λ, strength of the sensitivity-driven decay (not multiplied by the LR)
+    scale_by_lr: bool = False  # multiply λ by the learning rate (paper form)
+    rescaled: bool = False  # sensitivity |g|/max|g| without relu (SeReNe repository variant)
 
 
 @dataclass
 class SeReNeConfig:
-    lam: float = 1e-4
-    variant: Literal["lower-bound", "full", "local"] = "lower-bound"
+    lam: float = 1e-4  # λ, strength of the neuron-level decay
+    variant: Literal["lower-bound", "full", "local"] = "lower-bound"  # neuron sensitivity form
 
 
 @dataclass
 class NEqConfig:
-    eps: float = 1e-3
-    mu: float = 0.5
-    velocity: Literal["paper", "official"] = "paper"
-    val_size: float = 0.001
-    selection: Literal["threshold", "random", "topk"] = "threshold"
-    trained_fraction: float | None = None
-    warmup: int = 1
-    mode: Literal["optim", "grad", "restore"] = "optim"
-    skip_frozen_grads: bool = False
+    eps: float = 1e-3  # ε: a neuron with |velocity| below it is frozen next epoch
+    mu: float = 0.5  # μ: momentum of the velocity
+    velocity: Literal["paper", "official"] = "paper"  # velocity recurrence (METHODS.md §5)
+    val_size: float = 0.001  # share of the training set used as the fixed probe set Ξ
+    selection: Literal["threshold", "random", "topk"] = "threshold"  # ε rule or a baseline
+    trained_fraction: float | None = None  # random/topk baselines: share of neurons trained
+    warmup: int = 1  # epochs that train every neuron before freezing starts
+    mode: Literal["optim", "grad", "restore"] = "optim"  # how frozen neurons are kept still
+    skip_frozen_grads: bool = False  # really skip frozen layers' / rows' weight gradients
 
 
 @dataclass
 class PruningConfig:
     """Pruning schedule: ``plateau`` is LOBSTER/SeReNe's PruneOnPlateau (§1 of METHODS.md)."""
 
-    schedule: Literal["none", "plateau", "oneshot", "iterative", "gradual"] = "none"
-    patience: int = 20
-    tolerance: float = 0.05
-    plateau_tolerance: float = 0.01
-    granularity: Literal["params", "neurons"] = "params"
-    safe_threshold: bool = False
-    sparsity: float = 0.9
-    fraction: float = 0.2
-    start_epoch: int = 0
-    end_epoch: int = 10
-    every: int = 1
+    schedule: Literal["none", "plateau", "oneshot", "iterative", "gradual"] = "none"  # schedule
+    patience: int = 20  # plateau: PWE, bad epochs (loss ≥ best·(1+plateau_tolerance)) to prune
+    tolerance: float = 0.05  # plateau: TWT, allowed relative val-loss increase of a pruning
+    plateau_tolerance: float = 0.01  # plateau: relative margin under which a loss is not "bad"
+    granularity: Literal["params", "neurons"] = "params"  # mask per entry or per whole neuron
+    safe_threshold: bool = False  # plateau: use the largest threshold verified within TWT
+    sparsity: float = 0.9  # oneshot/iterative/gradual: target fraction of zeros
+    fraction: float = 0.2  # iterative: share of surviving parameters removed per round
+    start_epoch: int = 0  # oneshot: prune after this epoch (0: before training); gradual: start
+    end_epoch: int = 10  # gradual: epoch at which the target sparsity is reached
+    every: int = 1  # iterative/gradual: epochs between pruning rounds
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    checkpoint_every: int = 1
+    epochs: int = 10  # training epochs (may grow on --resume)
+    seed: int = 0  # seed of initialization, data order and augmentation
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto
+    threads: int | None = None  # torch.set_num_threads (default: torch's choice)
+    checkpoint_every: int = 1  # epochs between last.pt checkpoints
 
 
 @dataclass
 class Config:
-    name: str = "run"
+    name: str = "run"  # run name, used for the default run directory runs/NAME-TIMESTAMP
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    method: Literal["none", "lobster", "serene", "neq"] = "none"
+    method: Literal["none", "lobster", "serene", "neq"] = "none"  # regularizer / freezing method
     lobster: LobsterConfig = field(default_factory=LobsterConfig)
     serene: SeReNeConfig = field(default_factory=SeReNeConfig)
     neq: NEqConfig = field(default_factory=NEqConfig)
@@ -142,7 +142,7 @@ _NON_NEGATIVE = {
     "schedule.cooldown",
 }
 _POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.checkpoint_every", "pruning.every",
-             "schedule.step_size"}
+             "train.threads", "schedule.step_size"}
 _FRACTIONS = {"data.val_fraction", "neq.val_size", "pruning.sparsity", "pruning.fraction",
               "neq.trained_fraction"}
 
@@ -289,6 +289,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

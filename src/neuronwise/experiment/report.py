@@ -75,6 +75,28 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
     return rows
 
 
+def compression_levels(history: list[dict]) -> list[dict]:
+    """Per compression level (a distinct non-zero count), the epoch with the best validation
+    accuracy and its test accuracy: the official LOBSTER ``log.txt`` rule (METHODS.md §8)."""
+    best: dict[int, dict] = {}
+    for record in history:
+        level = record["nonzero_paper"]
+        if level not in best or record["val_accuracy"] > best[level]["val_accuracy"]:
+            best[level] = record
+    return [best[level] for level in sorted(best, reverse=True)]
+
+
+def levels_table(history: list[dict]) -> list[str]:
+    """Markdown rows: remaining parameters, test error at the best-validation epoch of each level."""
+    rows = ["| remaining params ('paper') | remaining % | compression | test error % | epoch |",
+            "|---|---|---|---|---|"]
+    for r in compression_levels(history):
+        ratio = r["params_paper"] / max(r["nonzero_paper"], 1)
+        rows.append(f"| {r['nonzero_paper']:,} | {r['remaining_percent_paper']:.3f} | "
+                    f"{ratio:.1f}x | {100 - r['test_accuracy']:.2f} | {r['epoch']} |")
+    return rows
+
+
 def write_report(run_path: str | Path) -> Path:
     run = RunDir(run_path)
     if not run.path.is_dir():
@@ -96,6 +118,9 @@ def write_report(run_path: str | Path) -> Path:
     if info.exists():
         lines += ["Produced by (see run_info.json):", "", "```json", info.read_text().strip(), "```", ""]
     lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Per compression level", "",
+              ("Test error at the best-validation-accuracy epoch of each compression level "
+               "(official LOBSTER log rule)."), ""] + levels_table(history)
     lines += [""] + [f"![{title}]({name})" for name, title in plots]
     lines += ["", "## Config", "", "```yaml", config_text.strip(), "```", ""]
     markdown = "\n".join(lines)

@@ -9,7 +9,8 @@ Layout::
     RUN/best.pt          model weights at the best validation accuracy
     RUN/.lock            the writing process (pid@host); a second writer gets a clear error
 
-Checkpoints are written atomically and loaded with ``weights_only=True``.
+Checkpoints are written atomically (a crash or a full disk leaves the previous good file), checked
+against their zip CRC-32s and loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import warnings
+import zipfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +67,9 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.config_path.exists() or self.last_path.exists()
 
+    def has_checkpoint(self) -> bool:
+        return self.last_path.exists() or self.previous_path.exists()
+
     # -- lock -------------------------------------------------------------------------------
     def acquire(self) -> None:
         """Take the writer lock; a live writer on this host is an error, a stale lock is replaced."""
@@ -86,6 +94,12 @@ class RunDir:
             with os.fdopen(fd, "w") as handle:
                 handle.write(me)
             self._locked = True
+            # Temporary files that a killed writer left behind (not those of, say, a report
+            # being written now): the writer's files are ours now.
+            for name in ("config.yaml", "run_info.json", "metrics.jsonl", "last.pt",
+                         "previous.pt", "best.pt"):
+                for leftover in self.path.glob(f".*{name}*.tmp"):
+                    leftover.unlink(missing_ok=True)
             return
         raise RunDirError(f"{self.path}: could not take the lock {self.lock_path}")
 
@@ -96,7 +110,8 @@ class RunDir:
 
     # -- config -----------------------------------------------------------------------------
     def write_config(self, config: Config) -> None:
-        atomic_write_text(self.config_path, dump(config))
+        with _writing(self.config_path):
+            atomic_write_text(self.config_path, dump(config))
 
     def read_config(self) -> Config:
         return from_dict(read_yaml(self.config_path), source=str(self.config_path))
@@ -104,17 +119,29 @@ class RunDir:
     def check_same_run(self, config: Config) -> None:
         """Resuming needs the same config; only ``train.epochs`` may grow."""
         try:
-            stored = self.read_config().to_dict()
+            stored = self.read_config()
         except ConfigError as error:
             raise RunDirError(str(error)) from None
-        wanted = config.to_dict()
-        stored["train"].pop("epochs")
-        wanted["train"].pop("epochs")
-        differing = sorted(_differences(stored, wanted))
+        differing = _config_differences(stored, config)
         if differing:
             raise RunDirError(
                 f"{self.path}: run directory belongs to another config "
                 f"(differs in {', '.join(differing)}); choose another --run-dir"
+            )
+
+    def check_checkpoint_config(self, stored: Any, config: Config) -> None:
+        """A checkpoint resumes only the config that wrote it; only ``train.epochs`` may grow."""
+        if not isinstance(stored, dict):
+            raise RunDirError(f"{self.path}: checkpoint has no config (found {type(stored).__name__})")
+        try:
+            stored = from_dict(stored, source="checkpoint config")
+        except ConfigError as error:
+            raise RunDirError(f"{self.path}: {error}") from None
+        differing = _config_differences(stored, config)
+        if differing:
+            raise RunDirError(
+                f"{self.path}: checkpoint was written by another config "
+                f"(differs in {', '.join(differing)})"
             )
 
     def write_info(self, seed: int) -> None:
@@ -129,11 +156,14 @@ class RunDir:
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        atomic_write_text(self.path / "run_info.json", json.dumps(info, indent=2) + "\n")
+        path = self.path / "run_info.json"
+        with _writing(path):
+            atomic_write_text(path, json.dumps(info, indent=2) + "\n")
 
     # -- metrics ----------------------------------------------------------------------------
     def write_metrics(self, history: list[dict]) -> None:
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        with _writing(self.metrics_path):
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -150,13 +180,31 @@ class RunDir:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_last(self, state: dict[str, Any]) -> None:
-        """Keep the previous good checkpoint, then write the new one atomically."""
-        if self.last_path.exists():
-            os.replace(self.last_path, self.previous_path)
-        atomic_torch_save(state, self.last_path)
+        """Write the new checkpoint beside last.pt, then rotate: last.pt → previous.pt, new → last.pt.
+
+        Only renames follow the write, so a kill or a full disk at any moment leaves last.pt a
+        complete checkpoint (the new one or the one before).
+        """
+        incoming = self.path / ".last.pt.incoming.tmp"
+        with _writing(self.last_path):
+            try:
+                atomic_torch_save(state, incoming)
+                if self.last_path.exists():
+                    staged = self.path / ".previous.pt.tmp"
+                    staged.unlink(missing_ok=True)
+                    try:
+                        os.link(self.last_path, staged)
+                    except OSError:  # a file system without hard links
+                        shutil.copyfile(self.last_path, staged)
+                    os.replace(staged, self.previous_path)
+                os.replace(incoming, self.last_path)
+            except BaseException:
+                incoming.unlink(missing_ok=True)
+                raise
 
     def save_best(self, state: dict[str, Any]) -> None:
-        atomic_torch_save(state, self.best_path)
+        with _writing(self.best_path):
+            atomic_torch_save(state, self.best_path)
 
     def load_last(self) -> dict[str, Any]:
         """Load last.pt, falling back to previous.pt (with a warning) when last.pt is unreadable."""
@@ -174,11 +222,22 @@ class RunDir:
         raise RunDirError(f"{self.path}: no checkpoint to resume from (last.pt missing)")
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Name the file in a failed write (full disk, read-only folder); atomic writes keep the old."""
+    try:
+        yield
+    except OSError as error:
+        message = f"{path}: not written ({error.strerror or error}); the previous version is kept"
+        raise (OSError(error.errno, message) if error.errno else OSError(message)) from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load(weights_only=True)``; an unreadable file becomes a one-line RunDirError."""
     path = Path(path)
     if not path.is_file():
         raise RunDirError(f"{path}: checkpoint not found")
+    _check_crc(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for corrupt/unsafe files
@@ -187,6 +246,59 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise RunDirError(f"{path}: not a neuronwise checkpoint (no 'model' entry)")
     return state
+
+
+# What last.pt/previous.pt hold, by type (best.pt holds the model only).
+_TRAINING_STATE = {
+    "epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": (dict, type(None)),
+    "callbacks": dict, "history": list, "best": dict, "rng": dict,
+}
+
+
+def check_training_state(state: dict[str, Any], source: str | os.PathLike,
+                         callbacks: Iterable[str] = ()) -> None:
+    """A checkpoint to resume from has every entry of the training state, with the right type,
+    one history record per finished epoch, and the state of each of ``callbacks``."""
+    wrong = [key for key, kind in _TRAINING_STATE.items()
+             if key not in state or not isinstance(state[key], kind)]
+    if not wrong:
+        if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+            wrong.append("model")
+        if not all(isinstance(r, dict) for r in state["history"]):
+            wrong.append("history")
+        if state["epoch"] != len(state["history"]):
+            wrong.append(f"epoch ({state['epoch']}, with {len(state['history'])} history records)")
+        wrong += [f"callbacks.{name}" for name in callbacks if name not in state["callbacks"]]
+    if wrong:
+        raise RunDirError(f"{source}: not a training checkpoint (missing or malformed: "
+                          f"{', '.join(wrong)})")
+
+
+def _check_crc(path: Path) -> None:
+    """torch.load ignores the zip's CRC-32s, so a flipped bit in tensor data would load silently.
+
+    Files in torch's legacy (pre-zip) format carry no checksums and are left to torch.load.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.CRC == 0:  # written with torch's CRC-32 turned off: nothing to check
+                    continue
+                with archive.open(member) as handle:  # reading to the end checks the CRC-32
+                    while handle.read(1 << 20):
+                        pass
+    except Exception as error:  # noqa: BLE001 - zipfile raises many types for a damaged archive
+        raise RunDirError(f"{path}: unreadable checkpoint (corrupt zip archive: {error})") from None
+
+
+def _config_differences(stored: Config, wanted: Config) -> list[str]:
+    """Dotted keys where two configs differ, ignoring ``train.epochs`` (a run may be extended)."""
+    a, b = stored.to_dict(), wanted.to_dict()
+    a["train"].pop("epochs")
+    b["train"].pop("epochs")
+    return sorted(_differences(a, b))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

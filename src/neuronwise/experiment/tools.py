@@ -16,29 +16,32 @@ from .config import Config
 from .rundir import RunDir, RunDirError, load_checkpoint
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str = "last") -> tuple[Config, torch.nn.Module]:
-    """Rebuild a run's model from its config.yaml and load ``last.pt`` or ``best.pt`` into it."""
+def load_run_model(
+    run_dir: str | Path, checkpoint: str = "last"
+) -> tuple[Config, torch.nn.Module, torch.Tensor]:
+    """Rebuild a run's model from its config.yaml, load ``last.pt`` or ``best.pt`` into it, and
+    return it in eval mode with a zero example input of the trained shape (batch 1)."""
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise RunDirError(f"{run.path}: run directory not found")
     config = run.read_config()
-    info = nwdata.DATASETS[config.data.name]
-    model = nw.models.create(config.model.name, num_classes=info.num_classes,
-                             in_channels=info.in_channels, image_size=info.image_size,
-                             **config.model.kwargs)
     path = run.best_path if checkpoint == "best" else run.last_path
-    state = load_checkpoint(path)["model"]
+    state = load_checkpoint(path)
+    spec = state.get("model_spec") or _registry_spec(config)
+    model = nw.models.create(config.model.name, **spec, **config.model.kwargs)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state["model"])
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise RunDirError(f"{path}: checkpoint does not fit model {config.model.name!r} ({first})")
-    return config, model.eval()
+    example = torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
+    return config, model.eval(), example
 
 
-def _example_input(config: Config) -> torch.Tensor:
+def _registry_spec(config: Config) -> dict:
     info = nwdata.DATASETS[config.data.name]
-    return torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+    return {"num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size}
 
 
 def _test_loader(config: Config, data_root: str | None, limit: int | None = None):
@@ -55,8 +58,7 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
     from neuronwise.latency import measure_latency
     from neuronwise.simplify import export_onnx, save_simplified, simplify
 
-    config, model = load_run_model(run_dir, checkpoint)
-    example = _example_input(config)
+    _, model, example = load_run_model(run_dir, checkpoint)
     small = simplify(model, example)
     run = RunDir(run_dir)
     save_simplified(small, run.path / "simplified.pt")

@@ -22,15 +22,19 @@ from torch import nn
 
 from neuronwise import data as nwdata
 from neuronwise import distributed, metrics, models
+from neuronwise.io import atomic_write_text
 
 from .config import Config
-from .rundir import RunDir, RunDirError
+from .distributed_setup import elastic_job, restart_count, run_on_main
+from .rundir import RunDir, RunDirError, check_training_state
 
 CHECKPOINT_FORMAT = 1
+# Names the torchrun job that started a run, so that its restarts resume it (and no other job's).
+ELASTIC_MARK = ".torchelastic"
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+    """Training produced a NaN/Inf loss or weights; the last good checkpoint is kept."""
 
 
 class Callback:
@@ -157,6 +161,8 @@ class Trainer:
             if not self.run.holds_run():
                 raise RunDirError(f"{self.run.path}: nothing to resume (no config.yaml/last.pt)")
             self.run.check_same_run(self.config)
+            # Killed before its first checkpoint: the same config starts over.
+            self.resume = self.run.has_checkpoint()
         elif self.run.holds_run():
             raise RunDirError(
                 f"{self.run.path}: run directory already holds a run; pass --resume to continue "
@@ -167,10 +173,15 @@ class Trainer:
         c = self.config
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if c.train.device == "auto"
-            else c.train.device
-        )
+        try:
+            self.device = torch.device(
+                ("cuda" if torch.cuda.is_available() else "cpu") if c.train.device == "auto"
+                else c.train.device
+            )
+            torch.empty(0, device=self.device)  # a missing device fails here, not mid-run
+        except (RuntimeError, AssertionError) as error:  # AssertionError: torch without CUDA
+            raise ValueError(f"train.device: {c.train.device!r} is not usable here "
+                             f"({str(error).strip().splitlines()[0]})") from None
         seed_everything(c.train.seed)
         rank, world = distributed.rank(), distributed.world_size()
         if c.data.batch_size % world:
@@ -196,17 +207,21 @@ class Trainer:
         self.val_loader = self._eval_loader(self.val_set)
         self.test_loader = self._eval_loader(self.test_set)
 
-        self.model = models.create(c.model.name, num_classes=info.num_classes,
-                                   in_channels=info.in_channels, image_size=info.image_size,
+        # Taken from the data, so ImageFolder datasets (no fixed registry shape) work too.
+        _, channels, height, _ = full_train.images.shape
+        self.model_spec = {"num_classes": int(full_train.num_classes), "in_channels": int(channels),
+                           "image_size": int(height)}
+        self.model = models.create(c.model.name, **self.model_spec,
                                    **c.model.kwargs).to(self.device)
-        self.example_input = torch.zeros(1, info.in_channels, info.image_size, info.image_size,
-                                         device=self.device)
+        self.example_input = torch.zeros(1, channels, height, height, device=self.device)
         if c.model.init_from:
             self._load_model_weights(c.model.init_from)
         self.train_model: nn.Module = self.model
         if distributed.is_distributed():
+            # NEq's real backward skipping takes fully frozen layers out of the graph for an epoch.
             self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=c.method == "neq" and c.neq.skip_frozen_grads)
         self.optimizer = build_optimizer(c, self.model.parameters())
         self.scheduler = build_scheduler(c, self.optimizer)
 
@@ -284,6 +299,10 @@ class Trainer:
             totals[2] += y.numel()
         if bar is not None:
             bar.close()
+        # DDP syncs buffers (BN statistics) only at its next forward; evaluation, NEq and the
+        # checkpoint use rank 0's now, as the next epoch will.
+        for buffer in self.model.buffers():
+            distributed.broadcast_(buffer)
         distributed.all_reduce_sum(totals)
         samples = int(totals[2].item())
         return Evaluation(totals[0].item() / samples, 100.0 * totals[1].item() / samples, samples)
@@ -292,6 +311,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
+            "model_spec": self.model_spec,
             "epoch": self.epoch,
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
@@ -332,6 +352,21 @@ class Trainer:
         self.epoch = int(state["epoch"])
         _set_rng_state(state["rng"])
 
+    def _resume(self, state: dict[str, Any]) -> None:
+        """load_state_dict(), with a checkpoint that does not fit this run as one RunDirError."""
+        try:
+            check_training_state(state, self.run.path, [cb.name for cb in self.callbacks])
+            self.load_state_dict(state)
+            self.run.check_checkpoint_config(state["config"], self.config)
+        except RunDirError:
+            raise
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, RuntimeError) as error:
+            raise RunDirError(f"{self.run.path}: checkpoint does not fit this run "
+                              f"({type(error).__name__}: {error})") from None
+        if distributed.is_main_process():
+            # A kill between checkpoint and metrics leaves metrics.jsonl an epoch behind.
+            self.run.write_metrics(self.history)
+
     def _save(self) -> None:
         if not distributed.is_main_process():
             return
@@ -340,16 +375,18 @@ class Trainer:
 
     # -- main -------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        main = distributed.is_main_process()
-        if main:
-            self._check_run_dir()
-            self.run.acquire()
         try:
+            # Rank 0 checks and locks the run directory while the other ranks wait for its verdict
+            # and its path (a default run directory carries rank 0's timestamp).
+            path, self.resume = run_on_main(self._open_run_dir)
+            if not distributed.is_main_process():
+                self.run = RunDir(path)
             self.setup()
             if self.resume:
-                self.load_state_dict(self.run.load_last())
+                # Rank 0 reads the checkpoint and sends it, so ranks need no shared file system.
+                self._resume(run_on_main(self.run.load_last))
                 self.log(f"resumed {self.run.path} after epoch {self.epoch}")
-            elif main:
+            elif distributed.is_main_process():
                 self.run.write_config(self.config)
                 self.run.write_info(self.config.train.seed)
             for callback in self.callbacks:
@@ -365,10 +402,39 @@ class Trainer:
                 self.tensorboard.close()
             self.run.release()
 
+    def _open_run_dir(self) -> tuple[str, bool]:
+        """Rank 0: check and lock the run directory; returns its path and whether to resume.
+
+        When torchrun restarts the workers of the job that started this run (``--max-restarts``),
+        the run resumes from its last checkpoint, or starts over if it was killed before the first.
+        """
+        job = elastic_job()
+        mark = self.run.path / ELASTIC_MARK
+        restarted = (not self.resume and restart_count() > 0 and job is not None
+                     and mark.is_file() and mark.read_text(encoding="utf-8") == job)
+        if restarted:
+            if self.run.config_path.exists():
+                self.run.check_same_run(self.config)
+            # The killed rank 0 of this job held the lock, possibly on another host.
+            self.run.lock_path.unlink(missing_ok=True)
+            self.resume = self.run.has_checkpoint()
+        else:
+            self._check_run_dir()
+        self.run.acquire()
+        if job is not None and not self.resume:
+            atomic_write_text(mark, job)
+        return str(self.run.path), self.resume
+
     def _run_epoch(self, epoch: int) -> None:
         started = time.perf_counter()
         train = self.train_epoch(epoch)
         train_time = time.perf_counter() - started
+        broken = [name for name, tensor in self.model.state_dict().items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if broken:
+            raise NonFiniteLossError(
+                f"epoch {epoch}: model weights are not finite ({', '.join(broken[:5])}); stopped, "
+                f"the last good checkpoint {self.run.last_path} is kept")
         val, test = self.evaluate(self.val_loader), self.evaluate(self.test_loader)
         record = {
             "epoch": epoch,
@@ -400,6 +466,7 @@ class Trainer:
                          "test_accuracy": test.accuracy}
             if distributed.is_main_process():
                 self.run.save_best({"model": self.model.state_dict(), "epoch": epoch,
+                                    "model_spec": self.model_spec,
                                     "config": self.config.to_dict()})
         if epoch % self.config.train.checkpoint_every == 0 or epoch == self.config.train.epochs:
             self._save()

@@ -12,7 +12,8 @@ and ``nn.Flatten`` modules, PyTorch's default initialization, and is torch.fx-tr
 from __future__ import annotations
 
 import inspect
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 

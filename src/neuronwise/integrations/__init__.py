@@ -1,0 +1,4 @@
+"""Integrations with training frameworks (optional extras).
+
+- :mod:`neuronwise.integrations.lightning`: Lightning callbacks (``pip install "neuronwise[lightning]"``).
+"""
