@@ -19,7 +19,25 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-class LobsterCallback(Callback):
+class _LibraryCallback(Callback):
+    """A callback whose state is the ``state_dict`` of the library object it wraps."""
+
+    wraps = "regularizer"  # the attribute holding that object
+
+    def state_dict(self) -> dict:
+        return getattr(self, self.wraps).state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            getattr(self, self.wraps).load_state_dict(state)
+
+
+class _RegularizerCallback(_LibraryCallback):
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        self.regularizer.step()
+
+
+class LobsterCallback(_RegularizerCallback):
     name = "lobster"
 
     def __init__(self, trainer: Trainer):
@@ -28,18 +46,8 @@ class LobsterCallback(Callback):
                                       lr=trainer.config.optim.lr if c.scale_by_lr else None,
                                       rescaled=c.rescaled)
 
-    def after_optimizer_step(self, trainer: Trainer) -> None:
-        self.regularizer.step()
 
-    def state_dict(self) -> dict:
-        return self.regularizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.regularizer.load_state_dict(state)
-
-
-class SeReNeCallback(Callback):
+class SeReNeCallback(_RegularizerCallback):
     name = "serene"
 
     def __init__(self, trainer: Trainer):
@@ -49,19 +57,10 @@ class SeReNeCallback(Callback):
     def before_backward(self, trainer: Trainer, logits: torch.Tensor) -> None:
         self.regularizer.compute(logits)
 
-    def after_optimizer_step(self, trainer: Trainer) -> None:
-        self.regularizer.step()
 
-    def state_dict(self) -> dict:
-        return self.regularizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.regularizer.load_state_dict(state)
-
-
-class NEqCallback(Callback):
+class NEqCallback(_LibraryCallback):
     name = "neq"
+    wraps = "neq"
 
     def __init__(self, trainer: Trainer):
         c = trainer.config.neq
@@ -85,18 +84,12 @@ class NEqCallback(Callback):
         record["backward_saving_percent"] = 100.0 * (1 - backward / self.total_backward)
         self.neq.step()
 
-    def state_dict(self) -> dict:
-        return self.neq.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.neq.load_state_dict(state)
-
-
-class PlateauPruningCallback(Callback):
+class PlateauPruningCallback(_LibraryCallback):
     """LOBSTER/SeReNe's PruneOnPlateau on the validation loss (METHODS.md §1)."""
 
     name = "pruning"
+    wraps = "pruner"
 
     def __init__(self, trainer: Trainer, modules, mask=None):
         c = trainer.config.pruning
@@ -118,13 +111,6 @@ class PlateauPruningCallback(Callback):
             record["threshold"] = float(result.threshold)
             record["prune_loss_before"] = float(result.loss_before)
             record["prune_loss_after"] = float(result.loss_after)
-
-    def state_dict(self) -> dict:
-        return self.pruner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.pruner.load_state_dict(state)
 
 
 class MagnitudePruningCallback(Callback):
