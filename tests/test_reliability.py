@@ -3,6 +3,7 @@ checkpoints. Lock, fallback, unsafe checkpoints and NaN loss are in test_rundir.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -198,10 +199,8 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(zygote, tmp_path,
         pid = zygote.start(["quickstart", "--run-dir", str(broken), *flags, *resume], log)
         wait_for(lambda epoch=target: metrics_lines(broken) >= epoch, pid, f"epoch {target}")
         time.sleep(delay)
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it may have finished already
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         code = zygote.wait()
         assert code in (-signal.SIGKILL, 0), log.read_text()[-3000:]
         if code == 0:  # finished before the kill landed

@@ -40,7 +40,7 @@ TINY = {
 
 
 class Interrupted(Exception):
-    pass
+    """Raised by a test to stop a stage mid-run, as a crash would."""
 
 
 @pytest.fixture(scope="module")
