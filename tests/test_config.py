@@ -58,6 +58,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
         ("optim: {nesterov: 1}\n", r"optim.nesterov: expected true or false"),
         ("- a\n- b\n", r"expected a mapping at the top level, got list"),
         ("train: {epochs: [\n", r"line \d+, column \d+: YAML syntax error"),
+        ("pruning: {schedule: plateau}\ndata: {val_fraction: 0}\n", r"data.val_fraction is 0"),
     ],
 )
 def test_bad_configs_give_one_line_errors(tmp_path, text, message):

@@ -212,6 +212,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _check_ranges(config: Config) -> None:
+    if config.pruning.schedule == "plateau" and config.data.val_fraction == 0:
+        raise ConfigError("pruning.schedule: 'plateau' decides on the validation loss, but "
+                          "data.val_fraction is 0 (expected a validation split > 0)")
     flat = _flatten(config.to_dict())
     for key, value in flat.items():
         if value is None:
