@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            # Library deprecation notices (torch internals) are for developers, not CLI users.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             return args.func(args)
     except NonFiniteLossError as error:
         print(f"neuronwise: error: {error}", file=sys.stderr)

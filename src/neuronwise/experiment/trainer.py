@@ -491,8 +491,9 @@ class Trainer:
 
 
 def _format_record(record: dict) -> str:
+    val = "-" if math.isnan(record["val_loss"]) else f"{record['val_loss']:.4f}"
     line = (f"epoch {record['epoch']:>4}  train loss {record['train_loss']:.4f}  "
-            f"val loss {record['val_loss']:.4f}  test acc {record['test_accuracy']:.2f}%  "
+            f"val loss {val}  test acc {record['test_accuracy']:.2f}%  "
             f"remaining params {record['remaining_percent_paper']:.2f}%  "
             f"neurons {record['neurons_alive']}/{record['neurons_total']}  "
             f"lr {record['lr']:.3g}  {record['epoch_time_s']:.1f}s")
