@@ -163,3 +163,13 @@ def test_serene_run_then_simplify_and_export(tmp_path, capsys):
     small = load_simplified(run / "simplified.pt")
     x = torch.randn(4, 1, 8, 8)
     assert small(x).shape == (4, 10)
+
+
+def test_datasets_command_reports_verified_and_missing_files(tmp_path, capsys, real_data_root):
+    assert run_cli("datasets", "--data-root", real_data_root) == 0
+    lines = capsys.readouterr().out.splitlines()
+    mnist = [line for line in lines if line.startswith("mnist ")]
+    assert len(mnist) == 4 and all(" verified " in line for line in mnist)
+    assert run_cli("datasets", "--data-root", tmp_path) == 0
+    empty = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mnist ")]
+    assert len(empty) == 4 and all(" missing " in line for line in empty)
