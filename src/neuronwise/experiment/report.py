@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 from neuronwise.io import atomic_write_bytes, atomic_write_text
@@ -62,7 +63,7 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
          f"{last['neurons_alive']} of {last['neurons_total']}"),
         ("mean training time per epoch", f"{sum(r['train_time_s'] for r in history) / len(history):.2f} s"),
     ]
-    if best:
+    if best and best.get("epoch", 0) > 0:  # no validation split: no best epoch
         rows.append(("best validation accuracy (epoch)",
                      (f"{best['val_accuracy']:.2f}% ({best['epoch']}), "
                      f"test there {best.get('test_accuracy', float('nan')):.2f}%")))
@@ -77,11 +78,14 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
 
 def compression_levels(history: list[dict]) -> list[dict]:
     """Per compression level (a distinct non-zero count), the epoch with the best validation
-    accuracy and its test accuracy: the official LOBSTER ``log.txt`` rule (METHODS.md §8)."""
+    accuracy and its test accuracy: the official LOBSTER ``log.txt`` rule (METHODS.md §8); without a
+    validation split, the level's last epoch."""
     best: dict[int, dict] = {}
     for record in history:
         level = record["nonzero_paper"]
-        if level not in best or record["val_accuracy"] > best[level]["val_accuracy"]:
+        # Without a validation split (NaN accuracy) a level is represented by its last epoch.
+        later = math.isnan(record["val_accuracy"])
+        if level not in best or later or record["val_accuracy"] > best[level]["val_accuracy"]:
             best[level] = record
     return [best[level] for level in sorted(best, reverse=True)]
 
