@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -224,6 +225,28 @@ def test_patience_zero_prunes_every_epoch():
     results = [pruner.step(val_loss=1.0) for _ in range(3)]
     assert all(r is not None for r in results)
     assert [h["epoch"] for h in pruner.history] == [1, 2, 3]
+
+
+def test_unshared_mask_revival_is_undone_with_one_warning():
+    torch.manual_seed(0)
+    model = _mlp()
+    pruner = PruneOnPlateau(model, _constant_evaluate, patience=0)
+    pruner.step(val_loss=1.0)
+    pruned = [p == 0 for p in model.parameters()]
+    assert sum(int(m.sum()) for m in pruned) > 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # plain optimizer steps: the mask is neither shared nor attached
+            optimizer.zero_grad()
+            (model(torch.randn(16, 4)) - 1).square().sum().backward()
+            optimizer.step()
+            assert pruner.mask.violations() > 0
+            pruner.step(val_loss=1.0)
+            assert all(bool((p[m] == 0).all()) for p, m in zip(model.parameters(), pruned))
+            assert pruner.mask.violations() == 0
+    assert [str(w.message).split(":")[0] for w in caught] == ["PruneOnPlateau"]
+    assert "non-zero again" in str(caught[0].message)
 
 
 def test_losses_within_one_percent_do_not_count_as_bad():

@@ -9,6 +9,7 @@ zero, and a :class:`ParameterMask` keeps it at zero through any optimizer.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -168,6 +169,11 @@ class ParameterMask:
         else:
             for p, mask in zip(self.params, self.masks):
                 p.mul_(mask)
+
+    @torch.no_grad()
+    def violations(self) -> int:
+        """How many masked entries are non-zero (0 while the mask is applied after every step)."""
+        return sum(int(((p != 0) & ~mask).sum()) for p, mask in zip(self.params, self.masks))
 
     @torch.no_grad()
     def zero_grads(self) -> None:
@@ -385,8 +391,10 @@ class PruneOnPlateau:
     After every step the mask is rebuilt from the current zeros (official: each epoch; DECISION:
     also after each pruning) and applied. Pass the regularizer's mask, ``mask=reg.mask``, so that
     the regularizer keeps the new zeros; otherwise call ``pruner.mask.apply()`` after each
-    optimizer step (or ``pruner.mask.attach(optimizer)``). ``granularity`` sets the kind of mask
-    created when ``mask`` is None.
+    optimizer step (or ``pruner.mask.attach(optimizer)``). If neither was done, pruned entries
+    come back to life between epochs: ``step`` then warns once and zeroes them again before
+    rebuilding the mask, so a pruning decision is never silently undone. ``granularity`` sets the
+    kind of mask created when ``mask`` is None.
 
     ``val_loss`` and ``evaluate()`` are the caller's: under DDP, reduce them over ranks (e.g. with
     ``neuronwise.distributed.all_reduce_mean``) so that every rank prunes the same way.
@@ -421,6 +429,7 @@ class PruneOnPlateau:
         self.num_bad_epochs = 0
         self.last_epoch = 0
         self.history: list[dict[str, Any]] = []
+        self._warned_revival = False
 
     def _improves(self, loss: float) -> bool:
         # best + best·tol is the official expression; the inf test avoids inf·0 = nan at tol = 0.
@@ -438,6 +447,7 @@ class PruneOnPlateau:
         if evaluate is None:
             raise ValueError("Invalid evaluate: None (pass it to PruneOnPlateau or to step())")
         self.last_epoch += 1
+        self._enforce_mask()
         if self._improves(loss):
             self.num_bad_epochs = 0
             if loss < self.best:
@@ -466,6 +476,20 @@ class PruneOnPlateau:
         self.mask.update()
         self.mask.apply()
         return result
+
+    def _enforce_mask(self) -> None:
+        revived = self.mask.violations()
+        if revived == 0:
+            return
+        if not self._warned_revival:
+            warnings.warn(
+                f"PruneOnPlateau: {revived} pruned parameters are non-zero again, zeroing them; "
+                "share the mask with the regularizer (mask=reg.mask) or apply pruner.mask after "
+                "each optimizer step (pruner.mask.attach(optimizer))",
+                stacklevel=3,
+            )
+            self._warned_revival = True
+        self.mask.apply()
 
     def state_dict(self) -> dict[str, Any]:
         return {
