@@ -1,7 +1,8 @@
-"""NEq epsilon sweep plus the top-k ("stochastic") baseline at NEq's own trained fraction.
+"""NEq epsilon sweep plus the random ("stochastic") and top-k baselines at NEq's trained fraction.
 
-Runs ``neuronwise run CONFIG`` once per epsilon (eps = 0 is the dense baseline), then once with
-``neq.selection=topk`` at the mean trained fraction of the reference epsilon, and prints one table:
+Runs ``neuronwise run CONFIG`` once per epsilon (eps = 0 is the dense baseline), then with
+``neq.selection=topk`` and ``neq.selection=random`` (METHODS.md §5 baselines) at the mean trained
+fraction of the reference epsilon, and prints one table:
 final test accuracy, mean frozen share of hooked neurons, mean backward-FLOPs saving (NEq
 convention, METHODS.md §5) and mean training time per epoch. Runs are resumable run directories.
 
@@ -49,9 +50,10 @@ def main() -> None:
         rows[f"eps={eps:g}"] = summary(run(args.config, out / f"eps{eps:g}",
                                            [f"neq.eps={eps}", *args.set]))
     trained = 1.0 - rows[f"eps={args.reference:g}"]["frozen"] / 100.0
-    rows[f"top-k p={trained:.3f}"] = summary(run(
-        args.config, out / "topk",
-        ["neq.selection=topk", f"neq.trained_fraction={trained:.4f}", *args.set]))
+    for selection, label in (("topk", "top-k"), ("random", "random")):
+        rows[f"{label} p={trained:.3f}"] = summary(run(
+            args.config, out / selection,
+            [f"neq.selection={selection}", f"neq.trained_fraction={trained:.4f}", *args.set]))
     print(f"{'setting':<16}{'test acc %':>11}{'frozen %':>10}{'bwd FLOPs saved %':>19}"
           f"{'train s/epoch':>15}")
     for name, r in rows.items():
