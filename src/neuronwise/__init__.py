@@ -18,6 +18,7 @@ from neuronwise.pruning import (
 )
 from neuronwise.serene import SeReNe
 from neuronwise.simplify import simplify
+from neuronwise.structured import l1_structured_prune, neuron_l1_norms
 
 __version__ = "0.1.0"
 
@@ -35,8 +36,10 @@ __all__ = [
     "data",
     "distributed",
     "global_magnitude_prune",
+    "l1_structured_prune",
     "metrics",
     "models",
+    "neuron_l1_norms",
     "pruning",
     "psp_entropy",
     "sharpness",

@@ -1,0 +1,145 @@
+"""Structured magnitude pruning: whole neurons with the smallest L1 norm (Li et al., ICLR 2017).
+
+Neuron k of a ``Linear``/``Conv2d`` layer (METHODS.md §0: an output row or output channel with its
+bias entry) is scored by the L1 norm of its incoming weights, the weight viewed as (out, −1)::
+
+    s_k = Σ_j |W[k, j]|        (biases are not scored)
+
+as Li et al., "Pruning Filters for Efficient ConvNets", score a filter by Σ|kernel weights|. A
+pruned neuron has its weight row and its bias entry set to exactly zero; ``neuronwise.simplify``
+then removes it physically, and a ``ParameterMask(model, modules, granularity="neurons")`` keeps it
+at zero during fine-tuning. A BatchNorm after a pruned conv is not touched: its channel becomes the
+constant β − γμ/σ, which ``simplify`` folds into the consumers, as for SeReNe's dead neurons.
+
+Two scopes:
+
+- ``"layer"`` (default): in each layer l, the round(fraction·N_l) lowest-scored neurons are
+  pruned — one uniform ratio for every layer (Torch-Pruning's default; Li et al. pick per-layer
+  ratios by a sensitivity analysis, which a caller can emulate with ``ignore`` and several calls);
+  every layer keeps at least one neuron.
+- ``"global"``: scores are divided by the mean score of the layer's alive neurons (raw L1 norms
+  are not comparable across layers of different fan-in and scale; the mean is Torch-Pruning's
+  ``normalizer="mean"``), and the round(fraction·Σ_l N_l) lowest are pruned over all layers, the
+  highest-scored neuron of each layer excepted (no layer collapses).
+
+``fraction`` is the target share of dead neurons, counted over all neurons of the layers, the
+already dead ones included (their score is 0, so they go first): calling with increasing fractions
+between fine-tuning rounds gives iterative pruning. Ties break by index. The classifier — by default
+the last ``Linear``/``Conv2d`` in ``named_modules()`` order — is never pruned; pass ``ignore`` when
+that is not the output layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .pruning import ParameterMask, _check_mask
+
+SCOPES = ("layer", "global")
+STRUCTURED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+__all__ = ["SCOPES", "l1_structured_prune", "neuron_l1_norms"]
+
+
+def _prunable_layers(
+    model: nn.Module, ignore: nn.Module | Iterable[nn.Module] | None
+) -> list[tuple[str, nn.Module]]:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, STRUCTURED_MODULES)]
+    if not layers:
+        raise ValueError("Invalid model: it has no Linear or Conv2d layer")
+    if ignore is None:
+        ignored = {id(layers[-1][1])}
+    else:
+        ignore = [ignore] if isinstance(ignore, nn.Module) else list(ignore)
+        for module in ignore:
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"Invalid ignore: element of type {type(module).__name__} (expected nn.Module)"
+                )
+        ignored = {id(m) for m in ignore}
+    layers = [(n, m) for n, m in layers if id(m) not in ignored]
+    if not layers:
+        raise ValueError("Invalid ignore: every Linear/Conv2d layer is ignored (nothing to prune)")
+    return layers
+
+
+def _row_l1(layer: nn.Module) -> Tensor:
+    return layer.weight.detach().reshape(layer.weight.shape[0], -1).abs().double().sum(dim=1)
+
+
+@torch.no_grad()
+def neuron_l1_norms(
+    model: nn.Module, ignore: nn.Module | Iterable[nn.Module] | None = None
+) -> dict[str, Tensor]:
+    """s_k = Σ_j |W[k, j]| for each neuron of each prunable layer, keyed by the layer's name.
+
+    Prunable layers are the ``Linear``/``Conv2d`` modules not in ``ignore`` (default: all but the
+    last one, the classifier). Values are float64 vectors of length ``out_features``/
+    ``out_channels``; a dead neuron scores 0.
+    """
+    return {name: _row_l1(layer) for name, layer in _prunable_layers(model, ignore)}
+
+
+def _lowest(scores: Tensor, count: int) -> Tensor:
+    # stable: ties (dead neurons first of all) break by index, so the count is exact
+    return torch.argsort(scores, stable=True)[:count]
+
+
+@torch.no_grad()
+def l1_structured_prune(
+    model: nn.Module,
+    fraction: float,
+    scope: str = "layer",
+    ignore: nn.Module | Iterable[nn.Module] | None = None,
+    mask: ParameterMask | None = None,
+) -> dict[str, int]:
+    """Zero the weight rows and biases of the lowest-L1 neurons until ``fraction`` of them are dead.
+
+    ``scope="layer"``: round(fraction·N_l) dead neurons in each layer l (at most N_l − 1).
+    ``scope="global"``: round(fraction·Σ_l N_l) dead neurons over all layers, ranked by
+    s_k / mean(s of the layer's alive neurons), each layer's best neuron kept. Neurons that are
+    already dead stay dead and count towards the target; nothing is revived. Updates ``mask`` if
+    given. Returns the number of alive neurons per pruned layer (by name).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"Invalid fraction: {fraction!r} (expected a number in [0, 1))")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"Invalid fraction: {fraction} (expected a number in [0, 1))")
+    if scope not in SCOPES:
+        raise ValueError(f"Invalid scope: {scope!r} (expected one of {SCOPES})")
+    mask = _check_mask(mask)
+    layers = dict(_prunable_layers(model, ignore))
+    scores = {name: _row_l1(layer) for name, layer in layers.items()}
+
+    pruned: dict[str, Tensor] = {}
+    if scope == "layer":
+        for name, score in scores.items():
+            count = min(round(fraction * score.numel()), score.numel() - 1)
+            pruned[name] = _lowest(score, count)
+    else:
+        normalized = []
+        for score in scores.values():
+            alive = score[score != 0]
+            normalized.append(score / alive.mean() if alive.numel() else score.clone())
+            normalized[-1][torch.argmax(score)] = torch.inf  # each layer keeps one neuron
+        flat = torch.cat(normalized)
+        count = round(fraction * flat.numel())
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        chosen[_lowest(flat, min(count, flat.numel() - len(normalized)))] = True
+        for name, piece in zip(scores, chosen.split([s.numel() for s in scores.values()])):
+            pruned[name] = piece.nonzero().flatten()
+
+    alive_counts = {}
+    for name, layer in layers.items():
+        rows = pruned[name].to(layer.weight.device)
+        layer.weight[rows] = 0
+        if layer.bias is not None:
+            layer.bias[rows] = 0
+        weight = layer.weight.reshape(layer.weight.shape[0], -1)
+        alive_counts[name] = int((weight != 0).any(dim=1).sum())
+    if mask is not None:
+        mask.update()
+    return alive_counts
