@@ -606,3 +606,27 @@ def test_batched_validation_pass_equals_single_batch():
     # float32 forwards round differently per batch size; a wrong aggregation would be far off.
     for name in result[0]:
         torch.testing.assert_close(result[0][name], result[1][name], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- reporting: velocities
+
+
+def test_velocity_quantiles_pool_every_hooked_neuron():
+    torch.manual_seed(0)
+    model = small_net()
+    neq = NEq(model, torch.randn(3, 1, 6, 6))
+    assert neq.velocity_quantiles([0.0, 0.5, 1.0]) == [0.0, 0.0, 0.0]  # before the first step
+    train_epoch(model, torch.optim.SGD(model.parameters(), lr=1.0), batches(2))
+    neq.step()
+    speeds = sorted(abs(v) for velocity in neq.velocity.values() for v in velocity.tolist())
+    assert len(speeds) == 4 + 4 + 5 + 8 + 8 and speeds[-1] > 0
+    low, tenth, median, high = neq.velocity_quantiles([0.0, 0.1, 0.5, 1.0])
+    assert (low, median, high) == (speeds[0], speeds[14], speeds[-1])  # 29 neurons
+    # Linear interpolation: q = 0.1 sits at rank 0.1 · 28 = 2.8.
+    assert tenth == pytest.approx(speeds[2] + 0.8 * (speeds[3] - speeds[2]), rel=1e-12)
+
+
+@pytest.mark.parametrize("quantiles", [[], [1.5], [-0.1], [True], ["0.5"]])
+def test_velocity_quantiles_validation(quantiles):
+    with pytest.raises(ValueError, match="Invalid quantiles"):
+        NEq(small_net(), torch.randn(2, 1, 6, 6)).velocity_quantiles(quantiles)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, metrics
-from .neq_backward import ActiveRowsHook, uses_active_rows
+from .neq_backward import ActiveRowsHook, supports_active_rows
 
 HOOKED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Linear)
 VELOCITIES = ("paper", "official")
@@ -435,7 +435,11 @@ class NEq:
         )
 
     def _apply_skip(self) -> None:
-        """Fully frozen layers: no ``requires_grad``; mostly frozen Conv2d/Linear: active-row grads."""
+        """Fully frozen layers: no ``requires_grad``; partly frozen Conv2d/Linear: active-row grads.
+
+        Per forward, where the split backward does not pay (:func:`.neq_backward.split_pays`),
+        the layer keeps autograd's own backward and the optimizer hooks mask its frozen rows.
+        """
         if not self.skip_frozen_grads:
             return
         for name, module in self.modules.items():
@@ -445,11 +449,13 @@ class NEq:
                     if param.requires_grad:
                         param.requires_grad_(False)
                         self._skip_params.append(param)
-            elif bool(frozen.any()) and uses_active_rows(module, int((~frozen).sum())):
+            elif bool(frozen.any()) and supports_active_rows(module):
                 active = (~frozen).nonzero().flatten().to(module.weight.device)
                 # Prepended, so that other forward hooks see the re-rooted output.
                 self._skip_handles.append(
-                    module.register_forward_hook(ActiveRowsHook(active), prepend=True)
+                    module.register_forward_hook(
+                        ActiveRowsHook(active, mask_unsplit=False), prepend=True
+                    )
                 )
 
     def _release_skip(self) -> None:
@@ -530,6 +536,20 @@ class NEq:
         self.history = [list(h) for h in state["history"]]
         self._generator.set_state(state["generator"])
         self._apply_skip()
+
+    # ------------------------------------------------------------------ reporting: velocities
+
+    def velocity_quantiles(self, quantiles: Iterable[float]) -> list[float]:
+        """Quantiles q ∈ [0, 1] of |v| pooled over all hooked neurons (linear interpolation).
+
+        The velocities of the last :meth:`step`, which chose the current epoch's frozen set
+        (``threshold``: frozen ⇔ |v| below ε); all zero before the first step.
+        """
+        q = list(quantiles)
+        if not q or not all(_is_number(x) and 0 <= x <= 1 for x in q):
+            raise ValueError(f"Invalid quantiles: {q} (expected numbers in [0, 1])")
+        speeds = torch.cat([v.detach().abs().flatten().cpu() for v in self.velocity.values()])
+        return torch.quantile(speeds, torch.tensor(q, dtype=speeds.dtype)).tolist()
 
 
 class _Handles:

@@ -5,6 +5,7 @@ Each callback is a thin adapter over the public API (the same calls a user write
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,6 +62,7 @@ class SeReNeCallback(_RegularizerCallback):
 class NEqCallback(_LibraryCallback):
     name = "neq"
     wraps = "neq"
+    percentiles = (0, 10, 25, 50, 75, 90, 100)  # of |velocity|, recorded each epoch
 
     def __init__(self, trainer: Trainer):
         c = trainer.config.neq
@@ -77,12 +79,28 @@ class NEqCallback(_LibraryCallback):
         self.total_backward = nw.metrics.backward_flops(trainer.model, trainer.example_input)
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
-        # The frozen set used during the epoch that just ended is what the accounting charges.
+        """Adds the epoch's NEq entries to ``record``.
+
+        ``frozen_percent``, ``frozen_per_layer`` ({layer: %}), ``backward_flops`` and
+        ``backward_saving_percent`` describe the frozen set used during the epoch that just ended
+        (what the accounting charges); ``neq_time_s`` is the wall time of :meth:`NEq.step` (probe
+        pass over Ξ, velocities, next frozen set); ``velocity_quantiles`` ({"p0": ..., "p100": ...})
+        are the percentiles of |v| over hooked neurons from that step, which choose the next
+        epoch's frozen set. Quantiles rather than a histogram: |v| spans decades that differ
+        between setups and may be exactly 0, which fixed log bins cannot hold.
+        """
         record["frozen_percent"] = 100.0 * self.neq.frozen_fraction()
+        record["frozen_per_layer"] = {
+            name: 100.0 * fraction for name, fraction in self.neq.frozen_per_layer().items()
+        }
         backward = self.neq.backward_flops(self.example_input)
         record["backward_flops"] = backward
         record["backward_saving_percent"] = 100.0 * (1 - backward / self.total_backward)
+        started = time.perf_counter()
         self.neq.step()
+        record["neq_time_s"] = round(time.perf_counter() - started, 6)
+        speeds = self.neq.velocity_quantiles([p / 100 for p in self.percentiles])
+        record["velocity_quantiles"] = {f"p{p}": s for p, s in zip(self.percentiles, speeds)}
 
 
 class PlateauPruningCallback(_LibraryCallback):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from neuronwise.io import atomic_write_bytes, atomic_write_text
 
+from .config import ConfigError
 from .rundir import RunDir, RunDirError
 
 PLOTS = (
@@ -19,33 +20,86 @@ PLOTS = (
 )
 
 
-def _plot(history: list[dict], keys: tuple[str, ...], title: str, path: Path) -> bool:
-    import io
-
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = [k for k in keys if any(k in r for r in history)]
-    if not present:
-        return False
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for key in present:
-        points = [(r["epoch"], r[key]) for r in history if key in r]
-        axis.plot([p[0] for p in points], [p[1] for p in points], label=key)
+    return plt
+
+
+def _save(figure, axis, title: str, path: Path) -> None:
+    import io
+
     axis.set_xlabel("epoch")
     axis.set_title(title)
-    if "remaining" in keys[0]:
-        axis.set_yscale("log")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
+    _pyplot().close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _lines(series: dict[str, list[tuple]], title: str, path: Path, log: bool = False) -> bool:
+    """One line per ``{label: [(epoch, value), ...]}``; False (no file) when there is none."""
+    if not series:
+        return False
+    figure, axis = _pyplot().subplots(figsize=(6, 3.5))
+    for label, points in series.items():
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=label)
+    if log:
+        axis.set_yscale("log")
+    _save(figure, axis, title, path)
     return True
+
+
+def _plot(history: list[dict], keys: tuple[str, ...], title: str, path: Path) -> bool:
+    series = {k: [(r["epoch"], r[k]) for r in history if k in r] for k in keys
+              if any(k in r for r in history)}
+    return _lines(series, title, path, log="remaining" in keys[0])
+
+
+def _plot_frozen_layers(history: list[dict], path: Path) -> bool:
+    """NEq: frozen % of each hooked layer during each epoch."""
+    records = [r for r in history if "frozen_per_layer" in r]
+    layers = records[0]["frozen_per_layer"] if records else {}
+    series = {name: [(r["epoch"], r["frozen_per_layer"][name]) for r in records] for name in layers}
+    return _lines(series, "NEq frozen neurons per layer (%)", path)
+
+
+def _plot_velocity(history: list[dict], eps: float | None, path: Path) -> bool:
+    """NEq: percentile bands of |velocity| over hooked neurons after each epoch (log scale)."""
+    records = [r for r in history if "velocity_quantiles" in r]
+    if not records:
+        return False
+    epochs = [r["epoch"] for r in records]
+    at = lambda p: [r["velocity_quantiles"][f"p{p}"] for r in records]
+    positive = [v for r in records for v in r["velocity_quantiles"].values() if v > 0]
+    figure, axis = _pyplot().subplots(figsize=(6, 3.5))
+    # Logarithmic above the smallest non-zero value, linear below: |v| = 0 (a neuron whose outputs
+    # on Ξ did not change, e.g. dead) stays visible at the bottom.
+    axis.set_yscale("symlog", linthresh=min(positive + ([eps] if eps else []), default=1e-6))
+    axis.fill_between(epochs, at(10), at(90), alpha=0.2, color="C0", label="10–90 %")
+    axis.fill_between(epochs, at(25), at(75), alpha=0.4, color="C0", label="25–75 %")
+    axis.plot(epochs, at(50), color="C0", label="median")
+    axis.plot(epochs, at(0), ":", color="C0", linewidth=0.8, label="min, max")
+    axis.plot(epochs, at(100), ":", color="C0", linewidth=0.8)
+    if eps:
+        axis.axhline(eps, color="C3", linestyle="--", label=f"ε = {eps:g}")
+    _save(figure, axis, "NEq |velocity| over hooked neurons (percentiles)", path)
+    return True
+
+
+def _threshold(run: RunDir) -> float | None:
+    """The run's ε when NEq freezes by threshold, else None (no line to draw)."""
+    try:
+        config = run.read_config()
+    except ConfigError:
+        return None
+    return config.neq.eps if config.method == "neq" and config.neq.selection == "threshold" else None
 
 
 def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, str]]:
@@ -73,6 +127,12 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
     if "frozen_percent" in last:
         mean_frozen = sum(r["frozen_percent"] for r in history) / len(history)
         rows.append(("mean frozen neurons (NEq)", f"{mean_frozen:.2f}%"))
+    probed = [r for r in history if "neq_time_s" in r]
+    if probed:
+        probe = sum(r["neq_time_s"] for r in probed) / len(probed)
+        train = sum(r["train_time_s"] for r in probed) / len(probed)
+        rows.append(("mean NEq probe pass per epoch (% of training time)",
+                     f"{probe:.3g} s ({100 * probe / train:.2f}%)"))
     return rows
 
 
@@ -117,6 +177,10 @@ def write_report(run_path: str | Path) -> Path:
     info = run.path / "run_info.json"
     plots = [(name, title) for name, title, keys in PLOTS
              if _plot(history, keys, title, run.path / name)]
+    if _plot_frozen_layers(history, run.path / "frozen_layers.png"):
+        plots.append(("frozen_layers.png", "NEq frozen neurons per layer (%)"))
+    if _plot_velocity(history, _threshold(run), run.path / "velocity.png"):
+        plots.append(("velocity.png", "NEq |velocity| percentiles over hooked neurons"))
     rows = summarize(history, best)
     lines = [f"# Report: {run.path.name}", ""]
     if info.exists():
