@@ -93,3 +93,19 @@ def test_neq_run_records_layers_velocities_and_probe_time(tmp_path):
     assert records[0]["frozen_per_layer"] == {"features.0": 0.0, "features.2": 0.0}  # warm-up
     write_report(run)
     assert all((run / name).is_file() for name in NEQ_PLOTS)
+
+
+def test_tensorboard_gets_every_number_of_the_records_with_nested_tags(tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    assert main(["quickstart", "--run-dir", str(run), "--set", "method=neq",
+                 "--set", "train.epochs=2", "--set", "data.batch_size=128"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"test_accuracy", "frozen_per_layer/features.0", "velocity_quantiles/p50"} <= tags
+    assert "epoch" not in tags
+    values = [e.value for e in events.Scalars("frozen_per_layer/features.2")]
+    assert values == pytest.approx([r["frozen_per_layer"]["features.2"] for r in records])
+    assert [e.step for e in events.Scalars("test_accuracy")] == [1, 2]

@@ -485,9 +485,19 @@ class Trainer:
     def _write_tensorboard(self, record: dict) -> None:
         if self.tensorboard is None:
             return
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(key, value, record["epoch"])
+        for key, value in _scalars(record):
+            self.tensorboard.add_scalar(key, value, record["epoch"])
+
+
+def _scalars(record: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """The numbers of a record as (tag, value); nested dicts give ``key/subkey`` tags."""
+    scalars = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            scalars += _scalars(value, f"{prefix}{key}/")
+        elif key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars.append((prefix + key, value))
+    return scalars
 
 
 def _format_record(record: dict) -> str:
