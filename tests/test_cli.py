@@ -48,6 +48,9 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert run_cli("quickstart", "--run-dir", run, "--resume", *QUICK, "--set", "optim.lr=0.5") == 2
     assert "belongs to another config (differs in optim.lr)" in capsys.readouterr().err
     assert files_snapshot(run) == before
+    # How this machine computes is not part of the run: threads and checkpoint spacing may change.
+    assert run_cli("quickstart", "--run-dir", run, "--resume", *QUICK, "--set", "train.threads=1",
+                   "--set", "train.checkpoint_every=3", "--set", "train.epochs=4") == 0
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -113,8 +113,8 @@ class TrainConfig:
     epochs: int = 10  # training epochs (may grow on --resume)
     seed: int = 0  # seed of initialization, data order and augmentation
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
-    threads: int | None = None  # torch.set_num_threads (default: torch's choice)
-    checkpoint_every: int = 1  # epochs between last.pt checkpoints
+    threads: int | None = None  # torch.set_num_threads (default: torch's choice; may change on --resume)
+    checkpoint_every: int = 1  # epochs between last.pt checkpoints (may change on --resume)
 
 
 @dataclass

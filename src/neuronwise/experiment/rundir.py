@@ -117,7 +117,7 @@ class RunDir:
         return from_dict(read_yaml(self.config_path), source=str(self.config_path))
 
     def check_same_run(self, config: Config) -> None:
-        """Resuming needs the same config; only ``train.epochs`` may grow."""
+        """Resuming needs the same config but for ``train.epochs``, ``threads``, ``checkpoint_every``."""
         try:
             stored = self.read_config()
         except ConfigError as error:
@@ -130,7 +130,7 @@ class RunDir:
             )
 
     def check_checkpoint_config(self, stored: Any, config: Config) -> None:
-        """A checkpoint resumes only the config that wrote it; only ``train.epochs`` may grow."""
+        """A checkpoint resumes only the config that wrote it (up to :data:`RESUME_MAY_CHANGE`)."""
         if not isinstance(stored, dict):
             raise RunDirError(f"{self.path}: checkpoint has no config (found {type(stored).__name__})")
         try:
@@ -293,11 +293,16 @@ def _check_crc(path: Path) -> None:
         raise RunDirError(f"{path}: unreadable checkpoint (corrupt zip archive: {error})") from None
 
 
+# What may change when a run is resumed: its length, and how (not what) this machine computes.
+RESUME_MAY_CHANGE = ("epochs", "threads", "checkpoint_every")
+
+
 def _config_differences(stored: Config, wanted: Config) -> list[str]:
-    """Dotted keys where two configs differ, ignoring ``train.epochs`` (a run may be extended)."""
+    """Dotted keys where two configs differ, ignoring ``train.`` + :data:`RESUME_MAY_CHANGE`."""
     a, b = stored.to_dict(), wanted.to_dict()
-    a["train"].pop("epochs")
-    b["train"].pop("epochs")
+    for key in RESUME_MAY_CHANGE:
+        a["train"].pop(key)
+        b["train"].pop(key)
     return sorted(_differences(a, b))
 
 
