@@ -10,8 +10,10 @@ failure stops the script with its exit status.
     python scripts/reproduce.py --only lenet300        # every step whose name contains "lenet300"
     python scripts/reproduce.py --threads 1 --dry-run  # print the commands only
 
-The data root comes from ``$NEURONWISE_DATA`` (or ``--data-root``), as for ``neuronwise``. On 2
-CPU cores the LeNet-300 steps take about 3 hours in all, the LeNet-5 steps about a day.
+The data root comes from ``$NEURONWISE_DATA`` (or ``--data-root``), as for ``neuronwise``. Budget
+(an estimate from ~1 s per LeNet-300 epoch and ~10 s per LeNet-5 epoch on 2 idle CPU cores, not a
+measurement of the whole script): hours for the ~3,500 LeNet-300 epochs, about a day for the
+~2,000 LeNet-5 epochs.
 """
 
 from __future__ import annotations
