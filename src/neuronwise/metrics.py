@@ -179,18 +179,26 @@ def _hooked_counts(
         if isinstance(module, types):
             counts[name] = 0
             handles.append(module.register_forward_hook(hook_for(name)))
+    with torch.no_grad():
+        hooked_eval_forward(model, handles, lambda: model(example_input[:1]))
+    return counts
+
+
+def hooked_eval_forward(model: nn.Module, handles: list, forward: Callable[[], object]) -> None:
+    """Run ``forward()`` with ``model`` in eval mode, then remove ``handles`` and restore modes.
+
+    Modes are restored per module, since submodules may have been in a mode different from the
+    root's; both happen even if the forward raises.
+    """
     modes = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
-            model(example_input[:1])
+        forward()
     finally:
         for handle in handles:
             handle.remove()
-        # Per module, since submodules may have been in a mode different from the root's.
         for module, training in modes:
             module.training = training
-    return counts
 
 
 def _forward_ops(module: nn.Module, output: Tensor) -> int:

@@ -287,14 +287,8 @@ def _inputs_need_grad(
         return hook
 
     handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in needs]
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        with torch.enable_grad():
-            torch.func.functional_call(model, parameters, (example_input[:1],))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
+    with torch.enable_grad():
+        metrics.hooked_eval_forward(
+            model, handles,
+            lambda: torch.func.functional_call(model, parameters, (example_input[:1],)))
     return needs
