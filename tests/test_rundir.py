@@ -64,3 +64,42 @@ def test_same_run_allows_more_epochs_only(tmp_path):
     run.check_same_run(from_dict({"train": {"epochs": 10}}))
     with pytest.raises(RunDirError, match=r"differs in optim.lr, train.seed"):
         run.check_same_run(from_dict({"train": {"seed": 3}, "optim": {"lr": 0.5}}))
+
+
+
+def test_a_stale_lock_taken_over_meanwhile_is_not_stolen(tmp_path, monkeypatch):
+    # The interleaving that lets two writers in when a stale lock is unlinked after being judged:
+    # while `late` judges the stale owner, `early` replaces the stale lock with its own.
+    import socket
+
+    from neuronwise.experiment import rundir
+
+    (tmp_path / ".lock").write_text(f"999999999@{socket.gethostname()}")  # above any pid_max
+    early, late = RunDir(tmp_path), RunDir(tmp_path)
+    real_alive = rundir._process_alive
+    calls = []
+
+    def alive_while_early_acquires(pid):
+        calls.append(pid)
+        if len(calls) == 1:
+            early.acquire()
+        return real_alive(pid)
+
+    monkeypatch.setattr(rundir, "_process_alive", alive_while_early_acquires)
+    with pytest.raises(RunDirError, match="in use by process"):
+        late.acquire()
+    assert early._locked and not late._locked
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    assert not list(tmp_path.glob(".lock.*"))
+    early.release()
+
+
+def test_a_live_lock_is_left_in_place(tmp_path):
+    first = RunDir(tmp_path)
+    first.acquire()
+    owner = (tmp_path / ".lock").read_text()
+    with pytest.raises(RunDirError, match="in use by process"):
+        RunDir(tmp_path).acquire()
+    assert (tmp_path / ".lock").read_text() == owner
+    assert not list(tmp_path.glob(".lock.*"))
+    first.release()

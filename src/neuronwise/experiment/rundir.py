@@ -72,36 +72,64 @@ class RunDir:
 
     # -- lock -------------------------------------------------------------------------------
     def acquire(self) -> None:
-        """Take the writer lock; a live writer on this host is an error, a stale lock is replaced."""
+        """Take the writer lock; a live writer on this host is an error, a stale lock is replaced.
+
+        The lock file appears with its owner already written (hard link of a finished temporary
+        file), so no reader sees it empty; a stale lock is moved aside before it is judged, so of
+        two processes replacing the same stale lock only one can win.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         me = f"{os.getpid()}@{socket.gethostname()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.lock_path.read_text(encoding="utf-8").strip()
-                pid_text, _, host = owner.partition("@")
-                alive = host != socket.gethostname() or (
-                    pid_text.isdigit() and _process_alive(int(pid_text))
-                )
-                if alive:
-                    raise RunDirError(
-                        f"{self.path}: run directory is in use by process {owner} "
-                        f"(remove {self.lock_path} if that process is gone)"
-                    ) from None
-                self.lock_path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(me)
-            self._locked = True
-            # Temporary files that a killed writer left behind (not those of, say, a report
-            # being written now): the writer's files are ours now.
-            for name in ("config.yaml", "run_info.json", "metrics.jsonl", "last.pt",
-                         "previous.pt", "best.pt"):
-                for leftover in self.path.glob(f".*{name}*.tmp"):
-                    leftover.unlink(missing_ok=True)
-            return
+        claim = self.path / f".lock.{os.getpid()}.{id(self):x}.tmp"
+        claim.write_text(me, encoding="utf-8")
+        try:
+            for _ in range(3):
+                try:
+                    os.link(claim, self.lock_path)
+                except FileExistsError:
+                    self._break_stale_lock()
+                    continue
+                self._locked = True
+                self._remove_leftover_temporaries()
+                return
+        finally:
+            claim.unlink(missing_ok=True)
         raise RunDirError(f"{self.path}: could not take the lock {self.lock_path}")
+
+    def _break_stale_lock(self) -> None:
+        """Remove the lock if its owner is gone; raise :class:`RunDirError` if it lives."""
+        aside = self.path / f".lock.{os.getpid()}.{id(self):x}.stale"
+        try:
+            os.rename(self.lock_path, aside)
+        except FileNotFoundError:
+            return  # released or broken by another process meanwhile: try again
+        owner = aside.read_text(encoding="utf-8").strip()
+        pid_text, _, host = owner.partition("@")
+        alive = host != socket.gethostname() or (
+            pid_text.isdigit() and _process_alive(int(pid_text))
+        )
+        if not alive:
+            aside.unlink(missing_ok=True)
+            return
+        # A live lock (perhaps one that another process had just taken): put it back.
+        try:
+            os.link(aside, self.lock_path)
+        except FileExistsError:
+            pass  # a third process took the lock meanwhile: it is in use either way
+        finally:
+            aside.unlink(missing_ok=True)
+        raise RunDirError(
+            f"{self.path}: run directory is in use by process {owner} "
+            f"(remove {self.lock_path} if that process is gone)"
+        )
+
+    def _remove_leftover_temporaries(self) -> None:
+        """Temporary files that a killed writer left behind (not those of, say, a report being
+        written now): the writer's files are ours now."""
+        for name in ("config.yaml", "run_info.json", "metrics.jsonl", "last.pt",
+                     "previous.pt", "best.pt"):
+            for leftover in self.path.glob(f".*{name}*.tmp"):
+                leftover.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._locked:
