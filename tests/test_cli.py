@@ -161,6 +161,10 @@ def test_serene_run_then_simplify_and_export(tmp_path, capsys):
     summary = json.loads((run / "simplify.json").read_text())
     assert summary["simplified"]["params_all"] <= summary["dense"]["params_all"]
     assert summary["max_abs_output_difference"] < 1e-4
+    per_layer = summary["neurons_per_layer"]
+    assert sum(n["alive"] for n in per_layer.values()) == summary["dense"]["neurons_alive"]
+    assert sum(n["total"] for n in per_layer.values()) == summary["dense"]["neurons_total"]
+    assert "alive neurons per layer" in out
     from neuronwise.simplify import load_simplified
 
     small = load_simplified(run / "simplified.pt")

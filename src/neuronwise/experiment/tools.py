@@ -67,6 +67,10 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
     with torch.no_grad():
         reference, output = model(example), small(example)
     summary["max_abs_output_difference"] = float((reference - output).abs().max())
+    layers = nw.metrics.count_neurons(model)
+    del layers["total"]
+    summary["neurons_per_layer"] = {name: {"alive": alive, "total": total}
+                                    for name, (alive, total) in layers.items()}
     for batch in (1, 256):
         inputs = example.expand(batch, *example.shape[1:]).contiguous().normal_(
             generator=torch.Generator().manual_seed(0))
@@ -85,6 +89,8 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
         t = summary[f"latency_batch{batch}_ms"]
         lines.append(f"  latency batch {batch:<4} (median) {t['dense']:.3f} ms -> "
                      f"{t['simplified']:.3f} ms  (x{t['speedup']:.2f})")
+    lines.append("  alive neurons per layer " + ", ".join(
+        f"{name} {n['alive']}/{n['total']}" for name, n in summary["neurons_per_layer"].items()))
     lines.append(f"  max |output difference| {summary['max_abs_output_difference']:.3g}")
     if export:
         lines.append(f"  ONNX: {export}")
