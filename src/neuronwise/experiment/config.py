@@ -115,6 +115,7 @@ class TrainConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     threads: int | None = None  # torch.set_num_threads (default: torch's choice; may change on --resume)
     checkpoint_every: int = 1  # epochs between last.pt checkpoints (may change on --resume)
+    channels_last: bool = False  # NHWC conv weights: faster CPU convs/pooling (may change on --resume)
 
 
 @dataclass

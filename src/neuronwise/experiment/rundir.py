@@ -145,7 +145,7 @@ class RunDir:
         return from_dict(read_yaml(self.config_path), source=str(self.config_path))
 
     def check_same_run(self, config: Config) -> None:
-        """Resuming needs the same config but for ``train.epochs``, ``threads``, ``checkpoint_every``."""
+        """Resuming needs the same config but for ``train.`` + :data:`RESUME_MAY_CHANGE`."""
         try:
             stored = self.read_config()
         except ConfigError as error:
@@ -322,7 +322,7 @@ def _check_crc(path: Path) -> None:
 
 
 # What may change when a run is resumed: its length, and how (not what) this machine computes.
-RESUME_MAY_CHANGE = ("epochs", "threads", "checkpoint_every")
+RESUME_MAY_CHANGE = ("epochs", "threads", "checkpoint_every", "channels_last")
 
 
 def _config_differences(stored: Config, wanted: Config) -> list[str]:

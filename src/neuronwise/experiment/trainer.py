@@ -213,6 +213,10 @@ class Trainer:
                            "image_size": int(height)}
         self.model = models.create(c.model.name, **self.model_spec,
                                    **c.model.kwargs).to(self.device)
+        if c.train.channels_last:
+            # Conv weights in NHWC make convolutions and pooling pick their NHWC kernels (the
+            # inputs need no conversion); other tensors are unaffected.
+            self.model.to(memory_format=torch.channels_last)
         self.example_input = torch.zeros(1, channels, height, height, device=self.device)
         if c.model.init_from:
             self._load_model_weights(c.model.init_from)
