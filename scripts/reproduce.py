@@ -67,7 +67,8 @@ def command(name: str, kind: str, args: tuple[str, ...], runs: Path, threads: in
         resume = ["--resume"] if (directory / "config.yaml").exists() else []
         return [*cli, "run", args[0], "--run-dir", str(directory), *resume, *args[1:], *threads_set]
     if kind == "study":
-        return [*cli, "study", args[0], "--study-dir", str(directory)]
+        threads_set = ["--set", f"base.train.threads={threads}"] if threads else []
+        return [*cli, "study", args[0], "--study-dir", str(directory), *threads_set]
     if kind == "simplify":
         return [*cli, "simplify", str(directory), "--export", str(directory / "simplified.onnx")]
     if kind == "script":

@@ -54,7 +54,7 @@ from .analysis import (
     split_loader,
 )
 from .config import Config, ConfigError, apply_overrides, from_dict, read_yaml
-from .rundir import RunDir, RunDirError
+from .rundir import RESUME_MAY_CHANGE, RunDir, RunDirError
 from .tools import load_run_model
 from .trainer import Trainer
 
@@ -265,11 +265,16 @@ def stage_config(study: StudyConfig, stage: str, study_dir: str | Path,
 
 # -- stages ------------------------------------------------------------------------------------
 def _check_study_dir(study: StudyConfig, study_dir: Path) -> None:
-    """A study directory holds one study; analysis and transfer settings may change."""
+    """A study directory holds one study; analysis and transfer settings may change, and so may
+    the ``base.train`` keys of :data:`RESUME_MAY_CHANGE` (how the machine computes, not what)."""
     path = study_dir / "study.yaml"
     if path.exists():
         stored = study_from_dict(read_yaml(path), source=str(path)).to_dict()
         wanted = study.to_dict()
+        for config in (stored, wanted):
+            config["base"] = {**config["base"], "train": {
+                k: v for k, v in config["base"].get("train", {}).items()
+                if k not in RESUME_MAY_CHANGE}}
         differing = sorted(k for k in set(stored) | set(wanted)
                            if k not in ("analysis", "transfer") and stored.get(k) != wanted.get(k))
         if differing:
