@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import neuronwise as nw
 from neuronwise.experiment import trainer as trainer_module
 from neuronwise.experiment.cli import main
+from neuronwise.experiment.tools import simplify_run
 
 CONV = ["model.name=resnet20", "data.batch_size=128", "train.threads=1", "pruning.schedule=none"]
 METHODS = {
@@ -122,3 +123,15 @@ def test_neq_freezes_the_same_neurons_across_layouts():
     assert all(torch.equal(frozen[0][k], frozen[1][k]) for k in frozen[0])
     assert any(mask.any() for mask in frozen[0].values())  # something was frozen
     _assert_same_parameters(nchw, nhwc)
+
+
+def test_simplify_times_conv_nets_in_both_layouts(tmp_path):
+    assert run(tmp_path, "train.epochs=1", "method=serene", "serene.lam=0.05",
+               "pruning.schedule=plateau", "pruning.patience=0", "pruning.granularity=neurons") == 0
+    out = simplify_run(tmp_path, repeats=2)
+    summary = json.loads((tmp_path / "simplify.json").read_text())
+    for layout in ("", "channels_last_"):
+        for batch in (1, 256):
+            timing = summary[f"latency_{layout}batch{batch}_ms"]
+            assert timing["dense"] > 0 and timing["simplified"] > 0
+    assert "latency channels last batch 256" in out

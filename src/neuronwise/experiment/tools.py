@@ -3,10 +3,12 @@ neurons, measure latency, save, export ONNX)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import neuronwise as nw
 from neuronwise import data as nwdata
@@ -71,12 +73,18 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
     del layers["total"]
     summary["neurons_per_layer"] = {name: {"alive": alive, "total": total}
                                     for name, (alive, total) in layers.items()}
-    for batch in (1, 256):
-        inputs = example.expand(batch, *example.shape[1:]).contiguous().normal_(
-            generator=torch.Generator().manual_seed(0))
-        dense_s, small_s = measure_latency([model, small], inputs, repeats=repeats)
-        summary[f"latency_batch{batch}_ms"] = {"dense": 1e3 * dense_s, "simplified": 1e3 * small_s,
-                                               "speedup": dense_s / small_s}
+    layouts = {"": (model, small)}
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # Conv nets also in NHWC, CPU's faster layout for them (benchmarks/memory_format.py).
+        layouts["channels_last_"] = tuple(copy.deepcopy(m).to(memory_format=torch.channels_last)
+                                          for m in (model, small))
+    for layout, pair in layouts.items():
+        for batch in (1, 256):
+            inputs = example.expand(batch, *example.shape[1:]).contiguous().normal_(
+                generator=torch.Generator().manual_seed(0))
+            dense_s, small_s = measure_latency(list(pair), inputs, repeats=repeats)
+            summary[f"latency_{layout}batch{batch}_ms"] = {
+                "dense": 1e3 * dense_s, "simplified": 1e3 * small_s, "speedup": dense_s / small_s}
     if export:
         export_onnx(small, example, export)
         summary["onnx"] = str(export)
@@ -85,10 +93,11 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
     lines = [f"simplified model saved: {run.path / 'simplified.pt'}"]
     for key in sorted(d):
         lines.append(f"  {key:<28} {d[key]:>14,} -> {s[key]:>14,}")
-    for batch in (1, 256):
-        t = summary[f"latency_batch{batch}_ms"]
-        lines.append(f"  latency batch {batch:<4} (median) {t['dense']:.3f} ms -> "
-                     f"{t['simplified']:.3f} ms  (x{t['speedup']:.2f})")
+    for layout in layouts:
+        for batch in (1, 256):
+            t = summary[f"latency_{layout}batch{batch}_ms"]
+            lines.append(f"  latency {layout.replace('_', ' ')}batch {batch:<4} (median) "
+                         f"{t['dense']:.3f} ms -> {t['simplified']:.3f} ms  (x{t['speedup']:.2f})")
     lines.append("  alive neurons per layer " + ", ".join(
         f"{name} {n['alive']}/{n['total']}" for name, n in summary["neurons_per_layer"].items()))
     lines.append(f"  max |output difference| {summary['max_abs_output_difference']:.3g}")
