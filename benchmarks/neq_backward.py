@@ -103,6 +103,8 @@ def bench(name: str, frozen: float, batch: int, args, device: torch.device) -> d
     torch.manual_seed(0)
     setup = SETUPS[name]
     full = models.create(name, num_classes=10, **setup).to(device)
+    if args.channels_last:
+        full.to(memory_format=torch.channels_last)
     fast = copy.deepcopy(full)
     size = (setup["in_channels"], setup["image_size"], setup["image_size"])
     neq = NEq(
@@ -233,6 +235,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (quieter when 1)")
     parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--layers", action="store_true", help="also time single layers")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="conv weights in NHWC layout (train.channels_last)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -240,6 +244,7 @@ def main() -> None:
     print(
         f"NEq skip_frozen_grads vs full backward — {label}, torch {torch.__version__}, "
         f"{args.threads} thread(s), medians of {args.rounds} interleaved rounds"
+        + (", channels-last" if args.channels_last else "")
     )
     print(
         f"{'model':9} {'batch':>5} {'frozen':>6} {'bwd full ms':>11} {'bwd fast ms':>11} "

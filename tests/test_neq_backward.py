@@ -112,6 +112,15 @@ def test_split_pays_conv_blocks_and_first_layer(monkeypatch, capability, block):
     assert not pays(first, 4, (2, 3, 8, 8))
 
 
+def test_split_pays_never_for_channels_last_conv_outputs():
+    conv = nn.Conv2d(20, 50, 5)
+    assert pays(conv, 16, (32, 20, 12, 12))
+    conv.to(memory_format=torch.channels_last)  # its output is NHWC too
+    assert not pays(conv, 16, (32, 20, 12, 12))
+    first = nn.Conv2d(3, 16, 3).to(memory_format=torch.channels_last)
+    assert not pays(first, 4, (2, 3, 8, 8), needs_input=False)
+
+
 def test_split_pays_other_devices_share():
     with torch.device("meta"):
         conv = nn.Conv2d(4, 16, 3)

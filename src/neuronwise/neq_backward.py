@@ -38,6 +38,7 @@ from . import metrics
 # A first Conv2d (no input gradient) with at most a quarter of its rows active always splits: one
 # smaller kernel call, measured 0.7–1.1× autograd's time (LeNet-5 conv1, ResNet-20 stem).
 # Other devices are not measured: there the split runs with at most half of the rows active.
+# Channels-last (NHWC) conv outputs never split on CPU (measured slower).
 ZERO_COST = 16
 COPY_COST = 24
 FUNCTION_COST = 2**22
@@ -70,6 +71,10 @@ def split_pays(module: nn.Module, active: int, x: Tensor, output: Tensor) -> boo
     rows = weight.shape[0]
     if weight.device.type != "cpu":
         return active <= OTHER_DEVICE_SHARE * rows
+    if not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
+        # NHWC: gathering channels is a strided copy and the smaller kernel call saves nothing
+        # (benchmarks/neq_backward.py --channels-last: up to 17 % slower); keep autograd's.
+        return False
     conv = isinstance(module, nn.Conv2d)
     if conv and not x.requires_grad and active <= FIRST_LAYER_SHARE * rows:
         return True
