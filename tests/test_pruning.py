@@ -72,6 +72,36 @@ def test_parameter_mask_update_and_state_dict():
         other.load_state_dict({"granularity": "params", "masks": mask.masks[:1]})
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_apply_follows_every_change_of_the_masks(foreach):
+    # apply() multiplies by cached float copies: in-place edits, reassignment and load_state_dict
+    # must all reach the parameters.
+    model = _mlp()
+    mask = ParameterMask(model)
+
+    def applied() -> list[torch.Tensor]:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0)
+        mask.apply(foreach=foreach)
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(p.eq(1).all() for p in applied())  # nothing masked: nothing changes
+    mask.masks[0][2, 1] = False  # in place
+    after = applied()
+    assert after[0][2, 1] == 0 and int((after[0] == 0).sum()) == 1
+    mask.masks = [torch.ones_like(m) for m in mask.masks]  # reassigned
+    assert all(p.eq(1).all() for p in applied())
+    state = {"granularity": "params", "masks": [m.clone() for m in mask.masks]}
+    state["masks"][3][0] = False
+    mask.load_state_dict(state)
+    after = applied()
+    assert after[3][0] == 0 and sum(int((p == 0).sum()) for p in after) == 1
+    model[2].bias.grad = torch.ones(3)
+    mask.zero_grads()
+    assert model[2].bias.grad.tolist() == [0.0, 1.0, 1.0]
+
+
 def test_neuron_granularity_masks_all_zero_rows_with_their_bias():
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(), nn.Linear(12, 4))
     with torch.no_grad():

@@ -87,7 +87,7 @@ class Lobster:
 
     def _decay_loop(self, params: list[Tensor], strength: float) -> None:
         for p in params:
-            p.add_(p.mul(self._insensitivity(p.grad)), alpha=-strength)
+            p.addcmul_(p, self._insensitivity(p.grad), value=-strength)
 
     def _decay_foreach(self, params: list[Tensor], strength: float) -> None:
         grads = [p.grad for p in params]
@@ -102,8 +102,7 @@ class Lobster:
                 torch._foreach_neg_(insensitivity)
                 torch._foreach_add_(insensitivity, 1.0)
                 torch._foreach_clamp_min_(insensitivity, 0.0)
-            decay = torch._foreach_mul(group_params, insensitivity)
-            torch._foreach_add_(group_params, decay, alpha=-strength)
+            torch._foreach_addcmul_(group_params, group_params, insensitivity, value=-strength)
 
     @torch.no_grad()
     def step(self) -> None:

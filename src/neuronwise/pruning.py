@@ -116,6 +116,10 @@ class ParameterMask:
     The mask changes only in :meth:`update` (rebuilt from the current zeros). Call :meth:`apply`
     after every optimizer step, or :meth:`attach` the mask to the optimizer: re-applying it after
     each step is what makes momentum, weight decay and Adam moments unable to move pruned entries.
+
+    ``masks`` are boolean; :meth:`apply` multiplies by cached copies in the parameters' dtype
+    (multiplying a float tensor by a bool one is several times slower on CPU) and skips tensors
+    with nothing masked. The cache follows any change of ``masks``, in place or reassigned.
     """
 
     def __init__(
@@ -144,8 +148,27 @@ class ParameterMask:
                     bias = module.bias
                     bias_index = index.get(id(bias)) if bias is not None else None
                     self._neurons.append((index[id(module.weight)], bias_index))
-        self.masks: list[Tensor] = []
+        self.masks = []
         self.update()
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return self._masks
+
+    @masks.setter
+    def masks(self, masks: list[Tensor]) -> None:
+        self._masks = masks
+        self._factors: list[Tensor | None] = []
+        self._factors_key: list[tuple[int, int]] = []
+
+    def _current_factors(self) -> list[Tensor | None]:
+        """Per parameter: its mask in the parameter's dtype, or None where nothing is masked."""
+        key = [(id(mask), mask._version) for mask in self._masks]
+        if key != self._factors_key:
+            self._factors = [None if bool(mask.all()) else mask.to(p.dtype)
+                             for p, mask in zip(self.params, self._masks)]
+            self._factors_key = key
+        return self._factors
 
     @torch.no_grad()
     def update(self) -> None:
@@ -163,12 +186,16 @@ class ParameterMask:
     @torch.no_grad()
     def apply(self, foreach: bool | None = None) -> None:
         """Zero the masked entries: ``p.mul_(mask)``."""
-        if _use_foreach(foreach, self.params):
-            for params, masks in _by_device_and_dtype(self.params, self.masks):
-                torch._foreach_mul_(params, masks)
+        pairs = [(p, f) for p, f in zip(self.params, self._current_factors()) if f is not None]
+        if not pairs:
+            return
+        params, factors = (list(t) for t in zip(*pairs))
+        if _use_foreach(foreach, params):
+            for group_params, group_factors in _by_device_and_dtype(params, factors):
+                torch._foreach_mul_(group_params, group_factors)
         else:
-            for p, mask in zip(self.params, self.masks):
-                p.mul_(mask)
+            for p, factor in pairs:
+                p.mul_(factor)
 
     @torch.no_grad()
     def violations(self) -> int:
@@ -178,9 +205,9 @@ class ParameterMask:
     @torch.no_grad()
     def zero_grads(self) -> None:
         """Zero the gradients of masked entries (optional: :meth:`apply` alone keeps them at 0)."""
-        for p, mask in zip(self.params, self.masks):
-            if p.grad is not None:
-                p.grad.mul_(mask)
+        for p, factor in zip(self.params, self._current_factors()):
+            if p.grad is not None and factor is not None:
+                p.grad.mul_(factor)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Re-apply the mask after every ``optimizer.step()``; returns the hook's removable handle."""
