@@ -43,6 +43,8 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("neq-optimizers", "script", ("benchmarks/neq_optimizers.py", "configs/neq/lenet300_mnist.yaml")),
     ("study-lenet300-mnist", "study", ("configs/study/oneshot_vs_gradual_lenet300_mnist.yaml",)),
     ("neq-sweep-lenet5", "script", ("benchmarks/neq_eps_sweep.py", "configs/neq/lenet5_fashion.yaml")),
+    ("neq-resnet20-fashion", "run", ("configs/neq/resnet20_fashion.yaml",)),
+    ("neq-resnet20-fashion-eps0", "run", ("configs/neq/resnet20_fashion.yaml", "--set", "neq.eps=0")),
     ("lobster-lenet5-mnist-strong", "run", ("configs/lobster/lenet5_mnist_strong.yaml",)),
     ("serene-lenet5-mnist-fast", "run", ("configs/serene/lenet5_mnist_fast.yaml",)),
     ("serene-lenet5-mnist-fast", "simplify", ()),
