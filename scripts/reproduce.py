@@ -3,12 +3,15 @@
 Each step is one command of RESULTS.md; run directories live under ``--runs`` (default ``runs/``)
 with the names RESULTS.md uses. A step whose run directory holds a run continues it with
 ``--resume`` (a finished run is a no-op), so the script can be stopped at any moment and started
-again, in this session or the next. Steps run one after the other as subprocesses; the first
-failure stops the script with its exit status.
+again, in this session or the next. Steps run as subprocesses, one after the other, or ``--jobs N``
+at a time (each then writes ``RUNS/NAME.log``), a step starting only after the steps it needs: a
+``simplify`` after its run, a run whose config has ``model.init_from: runs/OTHER/...`` after OTHER.
+The first failure stops the script (running steps finish) with its exit status.
 
     python scripts/reproduce.py --list                 # the steps and their state
     python scripts/reproduce.py --only lenet300        # every step whose name contains "lenet300"
     python scripts/reproduce.py --threads 1 --dry-run  # print the commands only
+    python scripts/reproduce.py --jobs 3 --threads 1   # three steps at a time, one thread each
 
 The data root comes from ``$NEURONWISE_DATA`` (or ``--data-root``), as for ``neuronwise``. Budget
 (an estimate from ~1 s per LeNet-300 epoch and ~10 s per LeNet-5 epoch on 2 idle CPU cores, not a
@@ -23,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from neuronwise.experiment.config import read_yaml
@@ -94,6 +98,67 @@ def state(name: str, kind: str, runs: Path) -> str:
     return "done" if epoch >= wanted else f"epoch {epoch} of {wanted}"
 
 
+def needs(step: tuple[str, str, tuple[str, ...]], names: set[str]) -> set[str]:
+    """The names among ``names`` of the steps that must finish before ``step`` starts."""
+    name, kind, args = step
+    if kind == "simplify":
+        return {name} & names
+    if kind != "run":
+        return set()
+    init = (read_yaml(args[0]).get("model") or {}).get("init_from") or ""
+    parts = Path(init).parts
+    return {parts[1]} & names if len(parts) > 2 and parts[0] == "runs" else set()
+
+
+def _shown(line: list[str]) -> str:
+    shown = ["neuronwise", *line[3:]] if line[1:3] == ["-m", "neuronwise"] else ["python", *line[1:]]
+    return "$ " + " ".join(shown)
+
+
+def _run_parallel(steps: list, args: argparse.Namespace, environment: dict) -> int:
+    """Run ``steps`` ``args.jobs`` at a time in STEPS order as their needs allow; each logs to a file."""
+    names = {name for name, _, _ in steps}
+    waiting = list(range(len(steps)))
+    # A step waits for the earlier runs it needs (a simplify for its run, a run for its init_from).
+    blockers = {i: {j for j in range(i) if steps[j][1] == "run"
+                    and steps[j][0] in needs(steps[i], names)} for i in waiting}
+    running: dict[int, subprocess.Popen] = {}
+    finished: set[int] = set()
+    failure = 0
+    args.runs.mkdir(parents=True, exist_ok=True)
+    while waiting or running:
+        while not failure and len(running) < args.jobs:
+            ready = [i for i in waiting if blockers[i] <= finished]
+            if not ready:
+                break
+            index = ready[0]
+            waiting.remove(index)
+            name, kind, step_args = steps[index]
+            line = command(name, kind, step_args, args.runs, args.threads)
+            log = args.runs / (f"{name}.log" if kind != "simplify" else f"{name}.simplify.log")
+            print(f"{_shown(line)}   (log: {log})", flush=True)
+            with open(log, "a", encoding="utf-8") as handle:
+                running[index] = subprocess.Popen(line, env=environment, stdout=handle,
+                                                  stderr=subprocess.STDOUT)
+        if failure and not running:
+            break
+        time.sleep(0.2)
+        for index, process in list(running.items()):
+            status = process.poll()
+            if status is None:
+                continue
+            del running[index]
+            name, kind, _ = steps[index]
+            if status == 0:
+                finished.add(index)
+                print(f"done: {name} ({kind})", flush=True)
+            else:
+                print(f"reproduce: step {name} ({kind}) failed with exit status {status}",
+                      file=sys.stderr)
+                failure = failure or status
+    return failure
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run directories")
@@ -103,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", help="data folder (default: $NEURONWISE_DATA)")
     parser.add_argument("--list", action="store_true", help="list the steps and their state")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="steps run at the same time, each logging to RUNS/NAME.log")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected >= 1, got {args.jobs}")
     steps = [s for s in STEPS if not args.only or any(text in s[0] for text in args.only)]
     if not steps:
         print(f"reproduce: no step matches {args.only}", file=sys.stderr)
@@ -111,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     environment = dict(os.environ)
     if args.data_root:
         environment["NEURONWISE_DATA"] = args.data_root
+    if args.jobs > 1 and not (args.list or args.dry_run):
+        return _run_parallel(steps, args, environment)
     for name, kind, step_args in steps:
         if args.list:
             print(f"{name:<32} {kind:<9} {state(name, kind, args.runs)}")
             continue
         line = command(name, kind, step_args, args.runs, args.threads)
-        shown = ["neuronwise", *line[3:]] if line[1:3] == ["-m", "neuronwise"] else ["python", *line[1:]]
-        print("$ " + " ".join(shown), flush=True)
+        print(_shown(line), flush=True)
         if args.dry_run:
             continue
         status = subprocess.call(line, env=environment)

@@ -48,3 +48,51 @@ def test_list_and_unknown_filter(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines and all("lenet5-mnist" in line and "not started" in line for line in lines)
     assert reproduce.main(["--runs", str(tmp_path), "--only", "no-such-step"]) == 2
+
+
+def test_needs_follow_simplify_and_init_from():
+    reproduce = _reproduce()
+    names = {name for name, _, _ in reproduce.STEPS}
+    by_name = {(name, kind): (name, kind, args) for name, kind, args in reproduce.STEPS}
+    assert reproduce.needs(by_name["serene-lenet5-mnist-fast", "simplify"], names) == {
+        "serene-lenet5-mnist-fast"}
+    assert reproduce.needs(by_name["iterative-lenet5-fashion", "run"], names) == {
+        "dense-lenet5-fashion"}
+    assert reproduce.needs(by_name["lobster-lenet5-fashion-strong", "run"], names) == set()
+    # A needed step outside the selection (--only) is not waited for.
+    assert reproduce.needs(by_name["iterative-lenet5-fashion", "run"], set()) == set()
+
+
+def test_parallel_steps_start_after_what_they_need(tmp_path, monkeypatch, capsys):
+    reproduce = _reproduce()
+    steps = [("dense-a", "run", ("dense.yaml",)), ("fine-a", "run", ("fine.yaml",)),
+             ("other", "run", ("other.yaml",)), ("fine-a", "simplify", ())]
+    configs = {"dense.yaml": {}, "other.yaml": {},
+               "fine.yaml": {"model": {"init_from": "runs/dense-a/best.pt"}}}
+    monkeypatch.setattr(reproduce, "read_yaml", lambda path: configs[path])
+    monkeypatch.setattr(reproduce, "STEPS", tuple(steps))
+    events = []
+
+    class Process:  # finishes on its second poll
+        def __init__(self, line, **kwargs):
+            self.name = line[line.index("--run-dir") + 1] if "--run-dir" in line else line[-3]
+            self.kind = "simplify" if "simplify" in line else "run"
+            self.polls = 0
+            events.append(("start", Path(self.name).name, self.kind))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            events.append(("end", Path(self.name).name, self.kind))
+            return 0
+
+    monkeypatch.setattr(reproduce.subprocess, "Popen", Process)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda seconds: None)
+    assert reproduce.main(["--runs", str(tmp_path), "--jobs", "2"]) == 0
+    position = {event: i for i, event in enumerate(events)}
+    assert position["start", "fine-a", "run"] > position["end", "dense-a", "run"]
+    assert position["start", "fine-a", "simplify"] > position["end", "fine-a", "run"]
+    # "other" needs nothing: it runs beside dense-a, not after it.
+    assert position["start", "other", "run"] < position["end", "dense-a", "run"]
+    assert (tmp_path / "dense-a.log").exists() and (tmp_path / "fine-a.simplify.log").exists()
