@@ -102,6 +102,18 @@ def test_apply_follows_every_change_of_the_masks(foreach):
     assert model[2].bias.grad.tolist() == [0.0, 1.0, 1.0]
 
 
+def test_mask_built_under_inference_mode_still_applies():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.0
+    with torch.inference_mode():
+        mask = ParameterMask(model)  # inference tensors: no version counter to cache against
+    with torch.no_grad():
+        model[0].weight[0, 0] = 5.0
+    mask.apply()
+    assert model[0].weight[0, 0] == 0
+
+
 def test_neuron_granularity_masks_all_zero_rows_with_their_bias():
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(), nn.Linear(12, 4))
     with torch.no_grad():

@@ -103,6 +103,14 @@ def _by_device_and_dtype(*lists: list[Tensor]) -> Iterable[tuple[list[Tensor], .
     return groups.values()
 
 
+def _version(tensor: Tensor) -> int | None:
+    """The in-place modification counter of ``tensor``; None for inference tensors (no counter)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 class ParameterMask:
     """Keeps pruned parameters at exactly zero.
 
@@ -163,8 +171,8 @@ class ParameterMask:
 
     def _current_factors(self) -> list[Tensor | None]:
         """Per parameter: its mask in the parameter's dtype, or None where nothing is masked."""
-        key = [(id(mask), mask._version) for mask in self._masks]
-        if key != self._factors_key:
+        key = [(id(mask), _version(mask)) for mask in self._masks]
+        if None in (version for _, version in key) or key != self._factors_key:
             self._factors = [None if bool(mask.all()) else mask.to(p.dtype)
                              for p, mask in zip(self.params, self._masks)]
             self._factors_key = key
