@@ -167,7 +167,7 @@ class ParameterMask:
     def masks(self, masks: list[Tensor]) -> None:
         self._masks = masks
         self._factors: list[Tensor | None] = []
-        self._factors_key: list[tuple[int, int]] = []
+        self._factors_key: list[tuple[int, int | None]] = []
 
     def _current_factors(self) -> list[Tensor | None]:
         """Per parameter: its mask in the parameter's dtype, or None where nothing is masked."""

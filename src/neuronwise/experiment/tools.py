@@ -78,11 +78,11 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
         # Conv nets also in NHWC, CPU's faster layout for them (benchmarks/memory_format.py).
         layouts["channels_last_"] = tuple(copy.deepcopy(m).to(memory_format=torch.channels_last)
                                           for m in (model, small))
+    inputs = {batch: example.expand(batch, *example.shape[1:]).contiguous().normal_(
+        generator=torch.Generator().manual_seed(0)) for batch in (1, 256)}
     for layout, pair in layouts.items():
         for batch in (1, 256):
-            inputs = example.expand(batch, *example.shape[1:]).contiguous().normal_(
-                generator=torch.Generator().manual_seed(0))
-            dense_s, small_s = measure_latency(list(pair), inputs, repeats=repeats)
+            dense_s, small_s = measure_latency(list(pair), inputs[batch], repeats=repeats)
             summary[f"latency_{layout}batch{batch}_ms"] = {
                 "dense": 1e3 * dense_s, "simplified": 1e3 * small_s, "speedup": dense_s / small_s}
     if export:
