@@ -163,7 +163,23 @@ def test_never_on_fraction_counts_dead_units():
     # A dead unit sits at the floor: C·h(1e-4) bits.
     floor = -2 * (1e-4 * math.log2(1e-4) + 0.9999 * math.log2(0.9999))
     assert summary["0"]["units"] == 4 and summary["0"]["max_bits"] == 2
-    assert analyze_model(model, [(x, y)]).entropy["0"].per_unit[1].item() == pytest.approx(floor)
+    per_unit = analyze_model(model, [(x, y)]).entropy["0"].per_unit
+    assert per_unit[1].item() == pytest.approx(floor)
+    # The live mean leaves the dead unit out: (H0 + H2 + H3) / 3, and the layer mean is
+    # (3 · live mean + floor) / 4.
+    live = (per_unit[0] + per_unit[2] + per_unit[3]).item() / 3
+    assert summary["0"]["live_mean"] == pytest.approx(live)
+    assert summary["0"]["mean"] == pytest.approx((3 * live + floor) / 4)
+
+
+def test_live_mean_is_nan_when_every_unit_is_dead():
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.fill_(-1.0)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    summary = entropy_summary(analyze_model(layer, [(x, torch.arange(8) % 2)]).entropy)
+    assert summary[""]["never_on_fraction"] == 1.0 and math.isnan(summary[""]["live_mean"])
 
 
 def test_classwise_layer_is_the_widest_hidden_linear():

@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from neuronwise import data as nwdata
+from neuronwise.experiment.analysis import analyze_model, entropy_summary
 from neuronwise.experiment.cli import main
 from neuronwise.experiment.config import ConfigError
 from neuronwise.experiment.rundir import RunDirError
@@ -123,6 +125,10 @@ def test_report_numbers_match_plain_evaluation(study):
         assert (row["zeros"], row["total"]) == (count, total)
         assert row["sparsity_percent"] == pytest.approx(100.0 * count / total)
         assert list(row["psp_entropy_bits"]) == ["features.0", "classifier"]
+        entropy = analyze_model(model, DataLoader(TensorDataset(test.images, test.labels),
+                                                  batch_size=128)).entropy
+        assert row["psp_entropy_bits"]["classifier"]["live_mean"] == pytest.approx(
+            entropy_summary(entropy)["classifier"]["live_mean"])
         assert len(row["sharpness"]["mean_increase"]) == 3
         assert 0.0 <= row["transfer"]["test_accuracy"] <= 100.0
         assert row["transfer"]["features"] == 32 and row["transfer"]["test_samples"] == 360

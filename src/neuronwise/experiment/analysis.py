@@ -180,15 +180,19 @@ def analyze_model(
 
 
 def entropy_summary(layers: Mapping[str, LayerEntropy]) -> dict[str, dict]:
-    """Per layer: mean and median H(u) in bits, the unit count and shape, and the fraction of
-    units never on (p_on = 0 for every class) — the dead units that also sit at the entropy floor."""
+    """Per layer: mean and median H(u) in bits, the unit count and shape, the fraction of units
+    never on (p_on = 0 for every class) — the dead units, which sit at the entropy floor — and the
+    mean H(u) over the other units (``live_mean``; NaN when every unit is dead), which compares
+    the entropy of what still computes without counting how many units died."""
     out = {}
     for name, layer in layers.items():
         seen = layer.class_counts > 0
         never_on = (layer.p_on[:, seen] == 0).all(dim=1)
+        live = layer.per_unit[~never_on]
         out[name] = {"mean": layer.mean, "median": float(layer.per_unit.median()),
                      "units": int(layer.per_unit.numel()), "unit_shape": list(layer.unit_shape),
                      "never_on_fraction": float(never_on.double().mean()),
+                     "live_mean": float(live.mean()) if live.numel() else math.nan,
                      "max_bits": int(seen.sum())}
     return out
 

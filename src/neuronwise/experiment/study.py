@@ -49,6 +49,7 @@ from .analysis import (
     classwise_layer,
     classwise_png,
     entropy_histograms_png,
+    entropy_summary,
     landscape_png,
     linear_probe,
     split_loader,
@@ -413,7 +414,8 @@ def write_report(study: StudyConfig, study_dir: Path, records: dict[str, dict],
     """``study.json``, ``study.md`` and the PNG plots from the stages' analysis records."""
     sigmas = [float(s) for s in study.analysis.sigmas]
     summaries = {s: r["summary"] for s, r in records.items()}
-    layers = list(summaries["dense"]["psp_entropy_bits"])
+    entropies = {stage: _entropies(r) for stage, r in records.items()}
+    layers = list(entropies["dense"])
     commits = {}
     for stage in STAGES:
         info = study_dir / stage / "run_info.json"
@@ -427,7 +429,7 @@ def write_report(study: StudyConfig, study_dir: Path, records: dict[str, dict],
             "sparsity_percent": 100 * r["sparsity"], "zeros": r["zeros"], "total": r["total"],
             "remaining_percent_paper": r["remaining_percent_paper"],
             "neurons_alive": r["neurons_alive"], "neurons_total": r["neurons_total"],
-            "psp_entropy_bits": s["psp_entropy_bits"], "sharpness": s["sharpness"],
+            "psp_entropy_bits": entropy_summary(entropies[stage]), "sharpness": s["sharpness"],
             "transfer": r["transfer"],
         }
     report = {"name": study.name, "command": command, "commits": commits,
@@ -435,7 +437,6 @@ def write_report(study: StudyConfig, study_dir: Path, records: dict[str, dict],
               "study": study.to_dict(), "stages": table}
     atomic_write_text(study_dir / "study.json", json.dumps(report, indent=2) + "\n")
 
-    entropies = {stage: _entropies(r) for stage, r in records.items()}
     plots = {
         "entropy_means.png": _entropy_bars_png(entropies, layers),
         "entropy_hist.png": entropy_histograms_png(entropies),
@@ -478,11 +479,12 @@ def write_report(study: StudyConfig, study_dir: Path, records: dict[str, dict],
         lines.append(f"| {stage} | {row['test_error_percent']:.2f} | "
                      f"{row['sparsity_percent']:.3f} | {row['remaining_percent_paper']:.3f} | "
                      f"{row['neurons_alive']}/{row['neurons_total']} |{transfer}")
-    lines += ["", "PSP-entropy, mean H(u) per layer in bits (fraction of units never on):", "",
+    lines += ["", ("PSP-entropy per layer in bits: mean H(u) over all units / over the units on "
+                   "at least once (fraction of units never on):"), "",
               "| stage | " + " | ".join(layers) + " |", "|---|" + "---|" * len(layers)]
     for stage, row in table.items():
-        cells = [f"{row['psp_entropy_bits'][n]['mean']:.3f} "
-                 f"({row['psp_entropy_bits'][n]['never_on_fraction']:.2f})" for n in layers]
+        cells = [f"{e['mean']:.3f} / {e['live_mean']:.3f} ({e['never_on_fraction']:.2f})"
+                 for e in (row["psp_entropy_bits"][n] for n in layers)]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     probe_samples = (f"the first {study.analysis.limit:,} test samples"
                      if study.analysis.limit else "the test set")
@@ -496,8 +498,9 @@ def write_report(study: StudyConfig, study_dir: Path, records: dict[str, dict],
         lines.append(f"| {stage} | {s['base_loss']:.4f} | " + " | ".join(cells) + " |")
     lines += ["", ("The paper's claim (unverified): gradual pruning beats one-shot and reaches "
               "narrow (sharp), well-generalizing minima with less class-specific features "
-              "(higher PSP-entropy), which should transfer better. Low entropy is ambiguous: "
-              "dead units sit at the floor too (see the never-on fractions)."), ""]
+              "(higher PSP-entropy), which should transfer better. A low layer mean is ambiguous: "
+              "dead units sit at the entropy floor, so the mean over live units is shown "
+              "beside it."), ""]
     captions = {
         "entropy_means.png": "Mean PSP-entropy per layer",
         "entropy_hist.png": "Histograms of H(u) per layer",
