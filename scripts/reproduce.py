@@ -89,6 +89,8 @@ def state(name: str, kind: str, runs: Path) -> str:
         return "done" if (directory / "simplified.onnx").exists() else "not started"
     if not directory.exists():
         return "not started"
+    if kind == "study":  # the report is written last
+        return "done" if (directory / "study.md").exists() else "started"
     metrics, config = directory / "metrics.jsonl", directory / "config.yaml"
     if kind != "run" or not metrics.exists() or not config.exists():
         return "started"

@@ -71,6 +71,8 @@ def test_resume_continues_exactly(tmp_path):
         return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in records]
 
     assert strip(whole / "metrics.jsonl") == strip(split / "metrics.jsonl")
+    # The run's record follows the resumed length: both config.yaml files now say 4 epochs.
+    assert (whole / "config.yaml").read_text() == (split / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,11 @@ def test_commands_resume_existing_runs_and_pass_threads(tmp_path):
     assert reproduce.state("dense-lenet300-mnist", "run", tmp_path) == "started"
     (tmp_path / "dense-lenet300-mnist" / "metrics.jsonl").write_text('{"epoch": 2}\n')
     assert reproduce.state("dense-lenet300-mnist", "run", tmp_path) == "epoch 2 of 3"
+    study = tmp_path / "study-lenet300-mnist"
+    (study / "dense").mkdir(parents=True)
+    assert reproduce.state("study-lenet300-mnist", "study", tmp_path) == "started"
+    (study / "study.md").write_text("# report\n")
+    assert reproduce.state("study-lenet300-mnist", "study", tmp_path) == "done"
 
 
 def test_list_and_unknown_filter(tmp_path, capsys):

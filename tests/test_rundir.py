@@ -103,3 +103,12 @@ def test_a_live_lock_is_left_in_place(tmp_path):
     assert (tmp_path / ".lock").read_text() == owner
     assert not list(tmp_path.glob(".lock.*"))
     first.release()
+
+
+def test_update_config_rewrites_only_resumable_changes(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_config(from_dict({"train": {"epochs": 300, "threads": 2}}))
+    assert run.update_config(from_dict({"train": {"epochs": 300, "threads": 2}})) == []
+    changed = run.update_config(from_dict({"train": {"epochs": 200, "threads": 1}}))
+    assert changed == ["train.epochs: 300 -> 200", "train.threads: 2 -> 1"]
+    assert run.read_config().train.epochs == 200 and run.read_config().train.threads == 1

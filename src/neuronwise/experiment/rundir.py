@@ -141,6 +141,18 @@ class RunDir:
         with _writing(self.config_path):
             atomic_write_text(self.config_path, dump(config))
 
+    def update_config(self, config: Config) -> list[str]:
+        """Rewrite ``config.yaml`` with the ``train.`` + :data:`RESUME_MAY_CHANGE` settings of a
+        resumed run, so the record says e.g. how many epochs the run has; returns the changes as
+        ``"train.epochs: 300 -> 200"``."""
+        stored = self.read_config().train
+        changed = [f"train.{key}: {getattr(stored, key)!r} -> {getattr(config.train, key)!r}"
+                   for key in RESUME_MAY_CHANGE
+                   if getattr(stored, key) != getattr(config.train, key)]
+        if changed:
+            self.write_config(config)
+        return changed
+
     def read_config(self) -> Config:
         return from_dict(read_yaml(self.config_path), source=str(self.config_path))
 

@@ -370,6 +370,9 @@ class Trainer:
         if distributed.is_main_process():
             # A kill between checkpoint and metrics leaves metrics.jsonl an epoch behind.
             self.run.write_metrics(self.history)
+            changed = self.run.update_config(self.config)
+            if changed:
+                self.log(f"{self.run.config_path}: updated " + ", ".join(changed))
 
     def _save(self) -> None:
         if not distributed.is_main_process():
