@@ -110,7 +110,7 @@ class PruningConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # training epochs (may grow on --resume)
+    epochs: int = 10  # training epochs (may change on --resume; config.yaml then records the new value)
     seed: int = 0  # seed of initialization, data order and augmentation
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     threads: int | None = None  # torch.set_num_threads (default: torch's choice; may change on --resume)
