@@ -370,15 +370,17 @@ class Trainer:
         if distributed.is_main_process():
             # A kill between checkpoint and metrics leaves metrics.jsonl an epoch behind.
             self.run.write_metrics(self.history)
-            changed = self.run.update_config(self.config)
-            if changed:
-                self.log(f"{self.run.config_path}: updated " + ", ".join(changed))
 
     def _save(self) -> None:
         if not distributed.is_main_process():
             return
         self.run.save_last(self.state_dict())
         self.run.write_metrics(self.history)
+        # config.yaml follows the checkpoint: a resumed run's changed settings (e.g. epochs)
+        # are recorded with its first new checkpoint, not before.
+        changed = self.run.update_config(self.config)
+        if changed:
+            self.log(f"{self.run.config_path}: updated " + ", ".join(changed))
 
     # -- main -------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
