@@ -61,6 +61,8 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("iterative-lenet5-fashion", "run", ("configs/baselines/lenet5_fashion_iterative.yaml",)),
     ("study-lenet5-mnist", "study", ("configs/study/oneshot_vs_gradual_lenet5_mnist.yaml",)),
     ("study-lenet5-fashion", "study", ("configs/study/oneshot_vs_gradual_lenet5_fashion.yaml",)),
+    ("study-lenet5-fashion-seed1", "study",
+     ("configs/study/oneshot_vs_gradual_lenet5_fashion.yaml", "--set", "base.train.seed=1")),
 )
 
 
@@ -74,7 +76,7 @@ def command(name: str, kind: str, args: tuple[str, ...], runs: Path, threads: in
         return [*cli, "run", args[0], "--run-dir", str(directory), *resume, *args[1:], *threads_set]
     if kind == "study":
         threads_set = ["--set", f"base.train.threads={threads}"] if threads else []
-        return [*cli, "study", args[0], "--study-dir", str(directory), *threads_set]
+        return [*cli, "study", args[0], "--study-dir", str(directory), *args[1:], *threads_set]
     if kind == "simplify":
         return [*cli, "simplify", str(directory), "--export", str(directory / "simplified.onnx")]
     if kind == "script":

@@ -40,6 +40,9 @@ def test_commands_resume_existing_runs_and_pass_threads(tmp_path):
     assert reproduce.state("dense-lenet300-mnist", "run", tmp_path) == "started"
     (tmp_path / "dense-lenet300-mnist" / "metrics.jsonl").write_text('{"epoch": 2}\n')
     assert reproduce.state("dense-lenet300-mnist", "run", tmp_path) == "epoch 2 of 3"
+    seeded = reproduce.command("s", "study", ("c.yaml", "--set", "base.train.seed=1"), tmp_path, 2)
+    assert seeded[3:] == ["study", "c.yaml", "--study-dir", str(tmp_path / "s"),
+                          "--set", "base.train.seed=1", "--set", "base.train.threads=2"]
     study = tmp_path / "study-lenet300-mnist"
     (study / "dense").mkdir(parents=True)
     assert reproduce.state("study-lenet300-mnist", "study", tmp_path) == "started"
