@@ -376,11 +376,13 @@ class Trainer:
             return
         self.run.save_last(self.state_dict())
         self.run.write_metrics(self.history)
-        # config.yaml follows the checkpoint: a resumed run's changed settings (e.g. epochs)
-        # are recorded with its first new checkpoint, not before.
-        changed = self.run.update_config(self.config)
-        if changed:
-            self.log(f"{self.run.config_path}: updated " + ", ".join(changed))
+        if not self._config_recorded:
+            # config.yaml follows the checkpoint: a resumed run's changed settings (e.g. epochs)
+            # are recorded with its first new checkpoint, not before.
+            changed = self.run.update_config(self.config)
+            if changed:
+                self.log(f"{self.run.config_path}: updated " + ", ".join(changed))
+            self._config_recorded = True
 
     # -- main -------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -388,6 +390,7 @@ class Trainer:
             # Rank 0 checks and locks the run directory while the other ranks wait for its verdict
             # and its path (a default run directory carries rank 0's timestamp).
             path, self.resume = run_on_main(self._open_run_dir)
+            self._config_recorded = not self.resume  # a fresh run writes config.yaml below
             if not distributed.is_main_process():
                 self.run = RunDir(path)
             self.setup()
