@@ -18,19 +18,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from neuronwise._utils import (
+    by_device_and_dtype,
+    check_fraction,
+    check_int,
+    check_modules,
+    check_nonnegative,
+    use_foreach,
+)
+
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 GRANULARITIES = ("params", "neurons")
 
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[dict]
-
-
-def _check_modules(modules: Any) -> tuple[type[nn.Module], ...]:
-    if isinstance(modules, type):
-        modules = (modules,)
-    modules = tuple(modules)
-    if not modules or not all(isinstance(m, type) and issubclass(m, nn.Module) for m in modules):
-        raise TypeError(f"Invalid modules: {modules!r} (expected a tuple of nn.Module subclasses)")
-    return modules
 
 
 def prunable_parameters(
@@ -40,7 +40,7 @@ def prunable_parameters(
 
     Names are qualified as in ``model.named_parameters()``; a shared parameter appears once.
     """
-    modules = _check_modules(modules)
+    modules = check_modules(modules)
     seen: set[int] = set()
     named = []
     for module_name, module in model.named_modules():
@@ -65,7 +65,7 @@ def resolve_parameters(
         params = [p for _, p in prunable_parameters(model_or_params, modules)]
         if not params:
             raise ValueError(
-                f"Invalid model: it has no parameters in modules of type {_check_modules(modules)}"
+                f"Invalid model: it has no parameters in modules of type {check_modules(modules)}"
             )
         return params
     if isinstance(model_or_params, Tensor):
@@ -86,21 +86,6 @@ def resolve_parameters(
     if not params:
         raise ValueError("Invalid params: empty (expected at least one tensor)")
     return params
-
-
-def _use_foreach(foreach: bool | None, tensors: list[Tensor]) -> bool:
-    # As torch.optim: the foreach kernels pay off on CUDA; elsewhere they are the plain loop.
-    return all(t.is_cuda for t in tensors) if foreach is None else foreach
-
-
-def _by_device_and_dtype(*lists: list[Tensor]) -> Iterable[tuple[list[Tensor], ...]]:
-    """Split parallel lists into groups sharing the first list's device and dtype (foreach needs it)."""
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
-    for items in zip(*lists):
-        group = groups.setdefault((items[0].device, items[0].dtype), tuple([] for _ in lists))
-        for store, item in zip(group, items):
-            store.append(item)
-    return groups.values()
 
 
 def _version(tensor: Tensor) -> int | None:
@@ -198,8 +183,8 @@ class ParameterMask:
         if not pairs:
             return
         params, factors = (list(t) for t in zip(*pairs))
-        if _use_foreach(foreach, params):
-            for group_params, group_factors in _by_device_and_dtype(params, factors):
+        if use_foreach(foreach, params):
+            for group_params, group_factors in by_device_and_dtype(params, factors):
                 torch._foreach_mul_(group_params, group_factors)
         else:
             for p, factor in pairs:
@@ -387,25 +372,8 @@ def threshold_search(
     )
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})")
-    return value
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"Invalid {name}: {value!r} (expected a number in [0, 1])")
-    return float(value)
-
-
-def _check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (expected >= 0)")
-    return float(value)
-
-
-def _check_mask(mask: Any) -> ParameterMask | None:
+def check_mask(mask: Any) -> ParameterMask | None:
+    """``mask`` itself if it is a :class:`ParameterMask` or None, else a TypeError."""
     if mask is not None and not isinstance(mask, ParameterMask):
         raise TypeError(f"Invalid mask: {type(mask).__name__} (expected ParameterMask or None)")
     return mask
@@ -447,18 +415,18 @@ class PruneOnPlateau:
         safe_threshold: bool = False,
         mask: ParameterMask | None = None,
     ) -> None:
-        self.patience = _check_int("patience", patience, 0)
-        self.tolerance = _check_nonnegative("tolerance", tolerance)
-        self.plateau_tolerance = _check_nonnegative("plateau_tolerance", plateau_tolerance)
+        self.patience = check_int("patience", patience, 0)
+        self.tolerance = check_nonnegative("tolerance", tolerance)
+        self.plateau_tolerance = check_nonnegative("plateau_tolerance", plateau_tolerance)
         self.safe_threshold = bool(safe_threshold)
         self.model = model
         self.evaluate = evaluate
         self.named_params = prunable_parameters(model, modules)
         if not self.named_params:
             raise ValueError(
-                f"Invalid model: it has no parameters in modules of type {_check_modules(modules)}"
+                f"Invalid model: it has no parameters in modules of type {check_modules(modules)}"
             )
-        self.mask = _check_mask(mask) or ParameterMask(model, modules, granularity)
+        self.mask = check_mask(mask) or ParameterMask(model, modules, granularity)
         self.best = math.inf
         self.best_state: dict[str, Tensor] | None = None
         self.num_bad_epochs = 0
@@ -541,9 +509,9 @@ class PruneOnPlateau:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.patience = _check_int("patience", state_dict["patience"], 0)
-        self.tolerance = _check_nonnegative("tolerance", state_dict["tolerance"])
-        self.plateau_tolerance = _check_nonnegative(
+        self.patience = check_int("patience", state_dict["patience"], 0)
+        self.tolerance = check_nonnegative("tolerance", state_dict["tolerance"])
+        self.plateau_tolerance = check_nonnegative(
             "plateau_tolerance", state_dict["plateau_tolerance"]
         )
         self.safe_threshold = bool(state_dict["safe_threshold"])
@@ -587,9 +555,9 @@ def global_magnitude_prune(
     smallest magnitudes go first, ties by position. Updates ``mask`` if given. Returns the
     largest pruned magnitude (0.0 if none).
     """
-    sparsity = _check_fraction("sparsity", sparsity)
+    sparsity = check_fraction("sparsity", sparsity)
     threshold = _prune_to_sparsity(resolve_parameters(model, modules), sparsity)
-    if _check_mask(mask) is not None:
+    if check_mask(mask) is not None:
         mask.update()
     return threshold
 
@@ -613,13 +581,13 @@ class IterativeMagnitudePruning:
         modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
         mask: ParameterMask | None = None,
     ) -> None:
-        self.fraction = _check_fraction("fraction", fraction)
-        self.every = _check_int("every", every, 1)
+        self.fraction = check_fraction("fraction", fraction)
+        self.every = check_int("every", every, 1)
         self.final_sparsity = (
-            None if final_sparsity is None else _check_fraction("final_sparsity", final_sparsity)
+            None if final_sparsity is None else check_fraction("final_sparsity", final_sparsity)
         )
         self.params = resolve_parameters(model, modules)
-        self.mask = _check_mask(mask) or ParameterMask(model, modules)
+        self.mask = check_mask(mask) or ParameterMask(model, modules)
         self.last_epoch = 0
         self.rounds = 0
         self.sparsity = 0.0
@@ -653,10 +621,10 @@ class IterativeMagnitudePruning:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.fraction = _check_fraction("fraction", state_dict["fraction"])
-        self.every = _check_int("every", state_dict["every"], 1)
+        self.fraction = check_fraction("fraction", state_dict["fraction"])
+        self.every = check_int("every", state_dict["every"], 1)
         final = state_dict["final_sparsity"]
-        self.final_sparsity = None if final is None else _check_fraction("final_sparsity", final)
+        self.final_sparsity = None if final is None else check_fraction("final_sparsity", final)
         self.last_epoch = int(state_dict["last_epoch"])
         self.rounds = int(state_dict["rounds"])
         self.sparsity = float(state_dict["sparsity"])
@@ -687,18 +655,18 @@ class GradualMagnitudePruning:
         modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
         mask: ParameterMask | None = None,
     ) -> None:
-        self.final_sparsity = _check_fraction("final_sparsity", final_sparsity)
-        self.initial_sparsity = _check_fraction("initial_sparsity", initial_sparsity)
+        self.final_sparsity = check_fraction("final_sparsity", final_sparsity)
+        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"Invalid initial_sparsity: {initial_sparsity} "
                 f"(expected <= final_sparsity = {final_sparsity})"
             )
-        self.start_step = _check_int("start_step", start_step, 0)
-        self.frequency = _check_int("frequency", frequency, 1)
-        self.num_updates = _check_int("num_updates", num_updates, 1)
+        self.start_step = check_int("start_step", start_step, 0)
+        self.frequency = check_int("frequency", frequency, 1)
+        self.num_updates = check_int("num_updates", num_updates, 1)
         self.params = resolve_parameters(model, modules)
-        self.mask = _check_mask(mask) or ParameterMask(model, modules)
+        self.mask = check_mask(mask) or ParameterMask(model, modules)
         self.last_step = -1
 
     def sparsity_at(self, t: int) -> float:
@@ -734,10 +702,10 @@ class GradualMagnitudePruning:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.final_sparsity = _check_fraction("final_sparsity", state_dict["final_sparsity"])
-        self.initial_sparsity = _check_fraction("initial_sparsity", state_dict["initial_sparsity"])
-        self.start_step = _check_int("start_step", state_dict["start_step"], 0)
-        self.frequency = _check_int("frequency", state_dict["frequency"], 1)
-        self.num_updates = _check_int("num_updates", state_dict["num_updates"], 1)
+        self.final_sparsity = check_fraction("final_sparsity", state_dict["final_sparsity"])
+        self.initial_sparsity = check_fraction("initial_sparsity", state_dict["initial_sparsity"])
+        self.start_step = check_int("start_step", state_dict["start_step"], 0)
+        self.frequency = check_int("frequency", state_dict["frequency"], 1)
+        self.num_updates = check_int("num_updates", state_dict["num_updates"], 1)
         self.last_step = int(state_dict["last_step"])
         self.mask.load_state_dict(state_dict["mask"])

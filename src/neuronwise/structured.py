@@ -36,7 +36,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .pruning import ParameterMask, _check_mask
+from ._utils import find_classifier
+from .pruning import ParameterMask, check_mask
 
 SCOPES = ("layer", "global")
 STRUCTURED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -51,7 +52,7 @@ def _prunable_layers(
     if not layers:
         raise ValueError("Invalid model: it has no Linear or Conv2d layer")
     if ignore is None:
-        ignored = {id(layers[-1][1])}
+        ignored = {id(find_classifier(model, STRUCTURED_MODULES)[1])}
     else:
         ignore = [ignore] if isinstance(ignore, nn.Module) else list(ignore)
         for module in ignore:
@@ -110,7 +111,7 @@ def l1_structured_prune(
         raise ValueError(f"Invalid fraction: {fraction} (expected a number in [0, 1))")
     if scope not in SCOPES:
         raise ValueError(f"Invalid scope: {scope!r} (expected one of {SCOPES})")
-    mask = _check_mask(mask)
+    mask = check_mask(mask)
     layers = dict(_prunable_layers(model, ignore))
     scores = {name: _row_l1(layer) for name, layer in layers.items()}
 
