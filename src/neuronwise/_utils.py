@@ -8,7 +8,7 @@ validators, ``foreach`` grouping and neuron counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,10 +23,12 @@ __all__ = [
     "check_lam",
     "check_modules",
     "check_nonnegative",
+    "clone_state",
     "evaluating",
     "find_classifier",
     "is_number",
     "layer_neurons",
+    "load_hyperparameters",
     "split_batch",
     "use_foreach",
 ]
@@ -52,6 +54,11 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---------------------------------------------------------------------------------------- data
+
+
+def clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A detached copy of a ``state_dict``: every tensor cloned."""
+    return {key: value.detach().clone() for key, value in state.items()}
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
@@ -126,6 +133,22 @@ def by_device_and_dtype(*lists: list[Tensor]) -> Iterable[tuple[list[Tensor], ..
         for store, item in zip(group, items):
             store.append(item)
     return groups.values()
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+def load_hyperparameters(
+    owner: object, state_dict: Mapping[str, Any], checks: Mapping[str, Callable[[Any], Any]]
+) -> None:
+    """``owner.<name> = check(state_dict[name])`` for every ``name`` of ``checks``, in order.
+
+    A name missing from ``state_dict`` (a checkpoint older than the hyperparameter) keeps the
+    constructor's value, as ``torch.optim`` param groups keep defaults they did not save.
+    """
+    for name, check in checks.items():
+        if name in state_dict:
+            setattr(owner, name, check(state_dict[name]))
 
 
 # ---------------------------------------------------------------------------------------- validators

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from neuronwise._utils import by_device_and_dtype, check_foreach, check_lam, use_foreach
-from neuronwise.pruning import (
+from neuronwise.masks import (
     PRUNABLE_MODULES,
     ParameterMask,
     ParamsLike,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import by_device_and_dtype, check_foreach, check_lam, use_foreach
-from .pruning import ParameterMask, check_mask
+from .masks import ParameterMask, check_mask
 from .sensitivity import VARIANTS, NeuronActivations, neuron_sensitivity
 
 
