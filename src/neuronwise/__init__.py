@@ -17,7 +17,8 @@ from neuronwise.pruning import (
     threshold_search,
 )
 from neuronwise.serene import SeReNe
-from neuronwise.structure import export_onnx, load_simplified, save_simplified, simplify
+from neuronwise.simplify import simplify  # the function; the module is neuronwise.structure
+from neuronwise.structure import export_onnx, load_simplified, save_simplified
 from neuronwise.structured import l1_structured_prune, neuron_l1_norms
 
 __version__ = "0.1.0"

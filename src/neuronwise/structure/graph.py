@@ -184,6 +184,16 @@ def _is_spatial_reduce(node: fx.Node) -> bool:
     return all((d + len(src) if d < 0 else d) >= 2 for d in dims)
 
 
+def _is_inference_stochastic_depth(node: fx.Node) -> bool:
+    """torchvision's ``stochastic_depth(x, p, mode, training=False)`` (an fx leaf): the identity."""
+    target = node.target if node.op == "call_function" else None
+    return (
+        getattr(target, "__name__", "") == "stochastic_depth"
+        and (getattr(target, "__module__", "") or "").startswith("torchvision")
+        and arg(node, 3, "training", True) is False
+    )
+
+
 def _split_sizes(node: fx.Node) -> list[int] | None:
     """Channel sizes of the pieces of a ``chunk``/``split`` along dim 1, else None."""
     is_split = (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS) or (
@@ -266,7 +276,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module], calls: Counter) -> st
         return "sum"
     if _elementwise_pair(node, _MUL_FUNCTIONS, ("mul", "mul_")):
         return "mul"
-    if _is_spatial_reduce(node):
+    if _is_spatial_reduce(node) or _is_inference_stochastic_depth(node):
         return "channelwise"
     scalar_op = node.op == "call_function" and node.target in _SCALAR_OPS
     channelwise = (

@@ -322,22 +322,20 @@ def _rebuild_pad(a: Analysis, node: fx.Node) -> None:
 
 
 def _rebuild_split(a: Analysis, node: fx.Node) -> None:
-    """``chunk``/``split`` along channels → ``torch.split`` with the kept pieces' sizes."""
-    src = node.args[0]
-    lost = set(a.removed[src.name])
+    """``chunk``/``split`` along channels → ``torch.split`` with the kept pieces' sizes (the node
+    is rewritten in place: later rebuilds find it by name)."""
+    lost = set(a.removed[node.args[0].name])
     sizes, start = [], 0
     for m in node.meta["tensor_meta"]:
         width = m.shape[1]
         sizes.append(width - sum(1 for c in range(start, start + width) if c in lost))
         start += width
-    with a.gm.graph.inserting_before(node):
-        new = a.gm.graph.call_function(torch.split, (src, sizes, 1))
-    node.replace_all_uses_with(new)
-    a.gm.graph.erase_node(node)
+    node.op, node.target, node.args, node.kwargs = "call_function", torch.split, (node.args[0], sizes, 1), {}
 
 
 def _rebuild_permutation(a: Analysis, node: fx.Node) -> None:
-    """A channel-permuting chain (channel shuffle) → ``index_select`` of the kept channels."""
+    """A channel-permuting chain (channel shuffle) → ``index_select`` of the kept channels (its
+    last node rewritten in place)."""
     src, perm, interior = a.permutations[node.name]
     lost_src, lost_out = set(a.removed[src.name]), set(a.removed[node.name])
     rank = {c: i for i, c in enumerate(c for c in range(shape(src)[1]) if c not in lost_src)}
@@ -346,7 +344,6 @@ def _rebuild_permutation(a: Analysis, node: fx.Node) -> None:
     a.gm.register_buffer(name, torch.tensor(order, dtype=torch.long))
     with a.gm.graph.inserting_before(node):
         index = a.gm.graph.get_attr(name)
-        new = a.gm.graph.call_function(torch.index_select, (src, 1, index))
-    node.replace_all_uses_with(new)
-    for dead in [node, *reversed(interior)]:
+    node.op, node.target, node.args, node.kwargs = "call_function", torch.index_select, (src, 1, index), {}
+    for dead in reversed(interior):
         a.gm.graph.erase_node(dead)
