@@ -197,13 +197,15 @@ def explain(
     """The dead output channels (all weights zero) that :func:`simplify` with the same arguments
     keeps, each with the graph node that blocked it and why, in graph order."""
     a, _, _ = _prepare(model, example_input, fuse_bn, pinned, prune_residual_stream)
-    found = []
+    found, seen = [], set()
     for node in a.gm.graph.nodes:
-        if a.kinds[node.name] not in PRODUCERS:
+        layer = a.modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)) or node.name not in a.offsets:
             continue
-        lost = set(a.removed[node.name])
-        for c, live in enumerate(live_rows(a.modules[node.target])):
-            if not live and c not in lost:
+        lost = set(a.removed[node.name]) if a.kinds[node.name] in PRODUCERS else set()
+        for c, live in enumerate(live_rows(layer)):
+            if not live and c not in lost and (node.target, c) not in seen:
+                seen.add((node.target, c))
                 blocker, reason = a.blockers[a.root(node, c)]
                 found.append(KeptChannel(node.target, c, blocker, reason))
     return found
