@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from neuronwise.simplify import (
+from neuronwise.structure import (
     BiasMapConv2d,
+    BorderBiasConv2d,
     export_onnx,
     load_simplified,
     remap_optimizer_state,
@@ -186,8 +187,8 @@ def test_flatten_drops_channel_blocks_and_classifier_is_pinned():
     assert_same_function(model, small, torch.randn(16, 1, 28, 28))
 
 
-def test_zero_padding_gives_a_bias_map_and_no_padding_a_bias():
-    for padding, expected in ((1, BiasMapConv2d), (0, nn.Conv2d)):
+def test_zero_padding_gives_a_border_kernel_and_no_padding_a_bias():
+    for padding, expected in ((1, BorderBiasConv2d), (0, nn.Conv2d)):
         model = nn.Sequential(
             nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=padding)
         ).eval()
@@ -199,6 +200,17 @@ def test_zero_padding_gives_a_bias_map_and_no_padding_a_bias():
         assert small.get_submodule("2").in_channels == 2
         # The last layer's outputs are the model output: pinned, so no removal there.
         assert_same_function(model, small, torch.randn(4, 1, 6, 6))
+        # A folded kernel, not a map: any input size.
+        assert_same_function(model, small, torch.randn(4, 1, 9, 7))
+    # Zero-padded average pooling makes the constant itself non-uniform: a bias map.
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.AvgPool2d(3, 1, 1), nn.Conv2d(3, 2, 3, padding=1)
+    ).eval()
+    kill_rows(model[0], [1])
+    small = simplify(model, torch.zeros(1, 1, 6, 6))
+    assert type(small.get_submodule("2")) is BiasMapConv2d
+    assert small.get_submodule("2").bias_map.shape == (2, 6, 6)
+    assert_same_function(model, small, torch.randn(4, 1, 6, 6))
 
 
 def test_pinned_modules_keep_dead_rows():
@@ -384,7 +396,7 @@ def test_onnx_output_equals_torch(tmp_path):
     ).eval()  # fmt: skip
     kill_rows(model[0], [1])
     small = simplify(model, torch.zeros(1, 1, 6, 6))
-    assert isinstance(small.get_submodule("2"), BiasMapConv2d)
+    assert isinstance(small.get_submodule("2"), BorderBiasConv2d)
     path = tmp_path / "small.onnx"
     export_onnx(small, torch.zeros(1, 1, 6, 6), path)
     session = ort.InferenceSession(str(path))

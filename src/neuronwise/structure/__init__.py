@@ -8,10 +8,11 @@
 from .export import export_onnx, load_simplified, save_simplified
 from .groups import ChannelGroup, channel_groups
 from .optimizer import remap_optimizer_state
-from .simplify import BiasMapConv2d, KeptChannel, explain, simplify
+from .simplify import BiasMapConv2d, BorderBiasConv2d, KeptChannel, explain, simplify
 
 __all__ = [
     "BiasMapConv2d",
+    "BorderBiasConv2d",
     "ChannelGroup",
     "KeptChannel",
     "channel_groups",

@@ -10,8 +10,9 @@ the network without them:
    dead channel k (weight row all zero) outputs the constant b_k, carried through channel-wise
    layers as a per-channel constant (a map after zero-padded pooling).
 3. **Fold and remove.** Each consumer folds the removed inputs' constants into its bias: ``Linear``
-   b'_j += Σ_k W_{jk} c_k; ``Conv2d`` b' += Σ_k W[:, k] ∗ c_k, non-uniform at zero-padded borders
-   and then a bias map (:class:`BiasMapConv2d`). Dead rows (weights, biases, BN entries) and the
+   b'_j += Σ_k W_{jk} c_k; ``Conv2d`` b' += Σ_k W[:, k] ∗ c_k, non-uniform at zero-padded borders:
+   then, for spatially uniform constants, a folded kernel applied to a ones image
+   (:class:`BorderBiasConv2d`, any input size), else a bias map (:class:`BiasMapConv2d`). Dead rows (weights, biases, BN entries) and the
    consumers' input columns go; grouped convs keep their group structure, depthwise convs lose
    whole groups; ``chunk``/``split`` get the new sizes, channel padding the new widths, a channel
    permutation becomes one ``index_select``.
@@ -21,8 +22,8 @@ dead in every producer (its constant, zero or not, folds into the consumers);
 ``prune_residual_stream=False`` keeps every summed channel (official behaviour).
 
 The result is a new :class:`torch.fx.GraphModule`; the input model is not modified. Guarantee
-(float32): max|Δy| ≤ 1e-5·max|y| and the same argmax, never bitwise equality. Bias maps fix the
-spatial input size to the example's. :func:`explain` lists the dead channels that stay and why.
+(float32): max|Δy| ≤ 1e-5·max|y| and the same argmax, never bitwise equality. Bias maps (rare:
+non-uniform constants, e.g. after zero-padded average pooling) fix the input size to the example's. :func:`explain` lists the dead channels that stay and why.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import Tensor, fx, nn
 from .graph import PRODUCERS, Analysis, analyse, arg, capture, channel_pad, live_rows
 from .graph import propagate_shapes, shape
 
-__all__ = ["BiasMapConv2d", "KeptChannel", "explain", "simplify"]
+__all__ = ["BiasMapConv2d", "BorderBiasConv2d", "KeptChannel", "explain", "simplify"]
 
 _NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 EXAMPLE_KEY = "neuronwise_example_input"
@@ -61,6 +62,26 @@ class BiasMapConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight, None) + self.bias_map
+
+
+class BorderBiasConv2d(nn.Conv2d):
+    """A ``Conv2d`` plus the folded output of removed channels that were spatially uniform
+    constants c_k: Σ_k c_k W[:, k] ∗ 1 under zero padding, i.e. ``conv2d(ones, K)`` with the
+    folded kernel K[j] = Σ_k c_k W[j, k] (C_out × 1 × kh × kw parameters instead of a C_out × H × W
+    map); exact at the borders and valid at any input size."""
+
+    def __init__(self, conv: nn.Conv2d, border_kernel: Tensor):
+        super().__init__(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode="zeros",
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )  # fmt: skip
+        self.border_kernel = nn.Parameter(border_kernel.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        ones = x.new_ones(1, 1, x.shape[-2], x.shape[-1])
+        border = F.conv2d(ones, self.border_kernel, None, self.stride, self.padding, self.dilation)
+        return self._conv_forward(x, self.weight, self.bias) + border
 
 
 @dataclass(frozen=True)
@@ -217,27 +238,39 @@ def _index(keep: list[int], device: torch.device) -> Tensor:
 
 def _folded_bias(
     a: Analysis, layer: nn.Module, src: fx.Node, cols_in: list[int], rows: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    """Bias of the kept rows with the removed inputs' constants folded in (float64); a bias map
-    (C_out, H, W) instead when zero padding makes the contribution position-dependent."""
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Bias of the kept rows with the removed inputs' constants folded in (float64). When zero
+    padding makes a conv's contribution position-dependent: a border kernel (uniform constants,
+    :class:`BorderBiasConv2d`) or else a bias map (C_out, H, W) (:class:`BiasMapConv2d`)."""
     w64 = layer.weight.detach().double()
     bias = torch.zeros(w64.shape[0], dtype=torch.float64, device=w64.device)
     if layer.bias is not None:
         bias = layer.bias.detach().double()
     bias = bias.index_select(0, rows)
     if not cols_in:
-        return bias, None
+        return bias, None, None
     const = torch.zeros_like(a.values[src.name])
     const[:, cols_in] = a.values[src.name][:, cols_in]
     const = const.to(w64.device)
     if isinstance(layer, nn.Linear):
-        return bias + F.linear(const, w64)[0].index_select(0, rows), None
+        return bias + F.linear(const, w64)[0].index_select(0, rows), None, None
     contribution = layer._conv_forward(const, w64, None)[0].index_select(0, rows)
     corner = contribution[:, :1, :1]
     spread = (contribution - corner).abs().max()
-    if spread <= 1e-12 * max(contribution.abs().max().item(), 1e-300):
-        return bias + corner.flatten(), None
-    return bias, contribution + bias.view(-1, 1, 1)
+    scale = max(contribution.abs().max().item(), 1e-300)
+    if spread <= 1e-12 * scale:
+        return bias + corner.flatten(), None, None
+    per_channel = const[0].flatten(1)
+    if torch.equal(per_channel, per_channel[:, :1].expand_as(per_channel)):
+        # K[j] = Σ_l c_(group(j), l) W[j, l]: each row contracts with its own group's constants.
+        groups, out_per = layer.groups, w64.shape[0] // layer.groups
+        c = per_channel[:, 0].view(groups, -1)[torch.arange(w64.shape[0]) // out_per]
+        kernel = torch.einsum("jluv,jl->juv", w64, c).unsqueeze(1).index_select(0, rows)
+        ones = torch.ones(1, 1, *const.shape[2:], dtype=torch.float64, device=w64.device)
+        border = F.conv2d(ones, kernel, None, layer.stride, layer.padding, layer.dilation)[0]
+        if (border - contribution).abs().max() <= 1e-12 * scale:
+            return bias, None, kernel
+    return bias, contribution + bias.view(-1, 1, 1), None
 
 
 def _rebuild_producer(a: Analysis, node: fx.Node, was_fused: bool, kept: Kept) -> None:
@@ -256,7 +289,7 @@ def _rebuild_producer(a: Analysis, node: fx.Node, was_fused: bool, kept: Kept) -
     keep_rows = [r for r in range(layer.weight.shape[0]) if r not in lost_rows]
     keep_cols = [c for c in range(shape(src)[1]) if c not in lost_cols]
     rows = _index(keep_rows, device)
-    bias, bias_map = _folded_bias(a, layer, src, cols_in, rows)
+    bias, bias_map, border_kernel = _folded_bias(a, layer, src, cols_in, rows)
     groups = getattr(layer, "groups", 1)
     if groups == 1:
         weight = layer.weight.detach().index_select(0, rows).index_select(1, _index(keep_cols, device))
@@ -272,6 +305,9 @@ def _rebuild_producer(a: Analysis, node: fx.Node, was_fused: bool, kept: Kept) -
         weight, new_groups = torch.cat(blocks), len(alive)
     if isinstance(layer, nn.Linear):
         new = nn.Linear(len(keep_cols), len(keep_rows), bias=True, device=device, dtype=dtype)
+    elif border_kernel is not None:
+        new = BorderBiasConv2d(layer, border_kernel.to(dtype))
+        kept[prefix + "border_kernel"] = (prefix + "weight", None)
     elif bias_map is None:
         new = copy.deepcopy(layer)
     else:
