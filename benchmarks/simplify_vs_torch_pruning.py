@@ -75,7 +75,9 @@ def torch_pruning_plan(model: nn.Module, x: torch.Tensor) -> list[tuple[str, lis
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     plan = []
     names = {m: n for n, m in model.named_modules()}
-    for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]):
+    for group in graph.get_all_groups(
+        ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]
+    ):
         channels = len(group[0].idxs)
         plan.append((names[group[0].dep.target.module], list(range(0, channels, 2))))
     return plan
@@ -88,7 +90,9 @@ def apply_plan(model, x, plan, constant: bool, prune: bool) -> None:
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
     for root_name, idxs in plan:
         root = model.get_submodule(root_name)
-        group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
+        group = graph.get_pruning_group(
+            root, graph.get_pruner_of_module(root).prune_out_channels, idxs
+        )
         if prune:
             group.prune()
             continue
@@ -126,7 +130,7 @@ def run(name: str, size: int, repeats: int) -> dict:
     row: dict = {"model": name, "dense_params": params(dense)}
     try:
         plan = torch_pruning_plan(copy.deepcopy(dense), x)
-    except Exception as failure:  # Torch-Pruning cannot trace or group this model
+    except Exception as failure:  # noqa: BLE001 - Torch-Pruning cannot trace or group it
         plan, row["tp_failure"] = None, f"{type(failure).__name__}: {str(failure)[:60]}"
     variants = {}
     for constant in (False, True):
@@ -163,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"# size {args.size} px, {args.threads} thread(s), median of {args.repeats} interleaved "
-          "rounds; speed-ups over dense: simplify / Torch-Pruning")
-    print("| model | share of TP's removal | rel. error simplify / TP | params dense / simplify / "
-          "TP | constant variant: error, params | batch-1 speed-up | batch-32 speed-up |")
+    print(
+        f"# size {args.size} px, {args.threads} thread(s), median of {args.repeats} interleaved "
+        "rounds; speed-ups over dense: simplify / Torch-Pruning"
+    )
+    print(
+        "| model | share of TP's removal | rel. error simplify / TP | params dense / simplify / "
+        "TP | constant variant: error, params | batch-1 speed-up | batch-32 speed-up |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         r = run(name, args.size, args.repeats)
@@ -174,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         share = f"{r['share']:.3f}" if tp else f"– ({r['tp_failure']})"
         err = f"{r['simplify_err']:.1e} / " + (f"{r['tp_err']:.1e}" if tp else "–")
         par = f"{r['dense_params']:,} / {r['simplify_params']:,} / " + (
-            f"{r['tp_params']:,}" if tp else "–")
+            f"{r['tp_params']:,}" if tp else "–"
+        )
         const = f"{r['const_err']:.1e}, {r['const_params']:,}"
         speed = [" / ".join(f"{s:.2f}" for s in r[f"speedup{b}"]) for b in (1, 32)]
-        print(f"| {name} | {share} | {err} | {par} | {const} | {speed[0]} | {speed[1]} |", flush=True)
+        print(
+            f"| {name} | {share} | {err} | {par} | {const} | {speed[0]} | {speed[1]} |", flush=True
+        )
     return 0
 
 

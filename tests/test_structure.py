@@ -17,7 +17,9 @@ STREAM, HIDDEN = 4, 4
 
 
 def conv_bn(cin, cout, k=3, groups=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups), nn.BatchNorm2d(cout))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups), nn.BatchNorm2d(cout)
+    )
 
 
 class DropPath(nn.Module):
@@ -125,7 +127,9 @@ def randomize(model, g, dead_fraction):
 
 
 def weights(model):
-    return sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    return sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -150,7 +154,10 @@ def test_every_construct_same_function_and_smaller(seed, kinds, head, dead, fuse
     for key, count in killed.items():
         block_id, name = key.split(".", 1)
         full = f"{names[int(block_id)]}.{name}"
-        assert small.get_submodule(full).weight.shape[0] <= model.get_submodule(full).weight.shape[0] - count
+        assert (
+            small.get_submodule(full).weight.shape[0]
+            <= model.get_submodule(full).weight.shape[0] - count
+        )
     if any(killed.values()):  # bias maps aside (zero padding), the weights shrink
         assert weights(small) < weights(model)
 

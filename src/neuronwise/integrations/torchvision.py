@@ -25,7 +25,9 @@ def models() -> types.ModuleType:
         try:
             return importlib.import_module("torchvision.models")
         except RuntimeError:  # the operator registrations failed: retry without them
-            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            for name in [
+                n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")
+            ]:
                 del sys.modules[name]
             for name in _REGISTRATIONS:
                 sys.modules[name] = types.ModuleType(name)

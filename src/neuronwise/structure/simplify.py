@@ -37,8 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .graph import PRODUCERS, Analysis, analyse, arg, capture, channel_pad, live_rows
-from .graph import propagate_shapes, shape
+from .graph import (
+    PRODUCERS,
+    Analysis,
+    analyse,
+    arg,
+    capture,
+    channel_pad,
+    live_rows,
+    propagate_shapes,
+    shape,
+)
 
 __all__ = ["BiasMapConv2d", "BorderBiasConv2d", "KeptChannel", "explain", "simplify"]
 
@@ -154,7 +163,9 @@ def _prepare(
     for p in pinned:
         name = names.get(id(p)) if isinstance(p, nn.Module) else p
         if not isinstance(name, str) or name not in known:
-            raise ValueError(f"Invalid pinned entry: {p!r} (expected a module of model or its name)")
+            raise ValueError(
+                f"Invalid pinned entry: {p!r} (expected a module of model or its name)"
+            )
         pinned_targets.add(name)
     gm, calls, example = capture(model, example_input)
     fused = _fuse_batchnorms(gm, calls) if fuse_bn else set()
@@ -292,7 +303,9 @@ def _rebuild_producer(a: Analysis, node: fx.Node, was_fused: bool, kept: Kept) -
     bias, bias_map, border_kernel = _folded_bias(a, layer, src, cols_in, rows)
     groups = getattr(layer, "groups", 1)
     if groups == 1:
-        weight = layer.weight.detach().index_select(0, rows).index_select(1, _index(keep_cols, device))
+        weight = (
+            layer.weight.detach().index_select(0, rows).index_select(1, _index(keep_cols, device))
+        )
         new_groups = 1
     else:
         out_per, in_per = layer.weight.shape[0] // groups, shape(src)[1] // groups
@@ -368,7 +381,12 @@ def _rebuild_split(a: Analysis, node: fx.Node) -> None:
         width = m.shape[1]
         sizes.append(width - sum(1 for c in range(start, start + width) if c in lost))
         start += width
-    node.op, node.target, node.args, node.kwargs = "call_function", torch.split, (node.args[0], sizes, 1), {}
+    node.op, node.target, node.args, node.kwargs = (
+        "call_function",
+        torch.split,
+        (node.args[0], sizes, 1),
+        {},
+    )
 
 
 def _rebuild_permutation(a: Analysis, node: fx.Node) -> None:
@@ -382,6 +400,11 @@ def _rebuild_permutation(a: Analysis, node: fx.Node) -> None:
     a.gm.register_buffer(name, torch.tensor(order, dtype=torch.long))
     with a.gm.graph.inserting_before(node):
         index = a.gm.graph.get_attr(name)
-    node.op, node.target, node.args, node.kwargs = "call_function", torch.index_select, (src, 1, index), {}
+    node.op, node.target, node.args, node.kwargs = (
+        "call_function",
+        torch.index_select,
+        (src, 1, index),
+        {},
+    )
     for dead in reversed(interior):
         a.gm.graph.erase_node(dead)
