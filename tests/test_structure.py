@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_simplify import randomize_batchnorm
 from torch import nn
 
 import neuronwise as nw
@@ -101,14 +102,8 @@ def randomize(model, g, dead_fraction):
     """BN statistics and affine random (dead channels then carry constants); random dead rows in
     every producer; returns the rows killed on purpose in free groups: module → count."""
     killed = {}
+    randomize_batchnorm(model, g)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
         for m in [model.stem[0], model.fc]:  # fuzz: random dead rows, removable or not
             rows = torch.rand(m.weight.shape[0], generator=g) < dead_fraction
             m.weight[rows] = 0.0

@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+from test_simplify import randomize_batchnorm
 from torch import nn
 
 from neuronwise.structure import channel_groups, simplify
@@ -32,15 +33,7 @@ def build(name: str) -> nn.Module:
     extra = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     torch.manual_seed(0)
     model = getattr(tv, name)(**extra).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    randomize_batchnorm(model, torch.Generator().manual_seed(0))
     return model
 
 
