@@ -107,7 +107,8 @@ class Analysis:
 
     ``removed[node]``: channel indices of that node's output that go; ``values[node]``: float64
     value of each node with producers replaced by their biases (meaningful on dead channels);
-    ``blockers[root]``: (node name, reason) that keeps a coupled group; ``members[node]``: ids.
+    ``blockers[root]``: (node name, reason) that keeps a coupled group; ``ids(node)``: the ids of
+    a node's channels (offset by ``offsets[node]``), grouped by ``uf``.
     """
 
     gm: fx.GraphModule

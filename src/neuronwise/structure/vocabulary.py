@@ -197,7 +197,13 @@ def classify(node: fx.Node, modules: dict[str, nn.Module], calls: Counter) -> st
         return "opaque"
     if node.op == "call_function" and node.target is operator.getitem:
         src = node.args[0]
-        if isinstance(src, fx.Node) and shape(src) is None and isinstance(node.args[1], int):
+        index = node.args[1]
+        if (
+            isinstance(src, fx.Node)
+            and shape(src) is None
+            and isinstance(index, int)
+            and index >= 0
+        ):
             return "item" if split_sizes(src) is not None else "opaque"
         if _keeps_channels(node):
             return "channelwise"
