@@ -226,7 +226,8 @@ def test_untraceable_model_gets_one_clear_error():
         def forward(self, x):
             return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
-    with pytest.raises(ValueError, match=r"DataDependent cannot be traced by torch.fx \(.+\)"):
+    match = r"DataDependent cannot be traced by torch.fx \(.+\) at test_structure.py:\d+: return"
+    with pytest.raises(ValueError, match=match):
         simplify(DataDependent(), torch.zeros(1, 3))
 
 

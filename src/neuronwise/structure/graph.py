@@ -27,8 +27,12 @@ one channel (zero-width tensors break BatchNorm and exporters).
 from __future__ import annotations
 
 import copy
+import linecache
+import os
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -75,9 +79,22 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as error:  # noqa: BLE001 - fx raises TraceError, TypeError, ...
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"Invalid model: {type(model).__name__} cannot be traced by torch.fx ({first}); "
-            "simplify needs a graph without data-dependent control flow"
+            f"Invalid model: {type(model).__name__} cannot be traced by torch.fx ({first})"
+            f"{_user_frame(error.__traceback__)}; simplify needs a graph without data-dependent "
+            "control flow"
         ) from None
+
+
+def _user_frame(tb: TracebackType | None) -> str:
+    """`` at FILE:LINE: code`` of the innermost traceback frame outside torch, if any."""
+    torch_dir = os.path.dirname(torch.__file__)
+    found = ""
+    for frame, line in traceback.walk_tb(tb):
+        path = frame.f_code.co_filename
+        if not path.startswith(torch_dir) and path != __file__:
+            code = (linecache.getline(path, line) or "").strip()
+            found = f" at {os.path.basename(path)}:{line}: {code}"
+    return found
 
 
 class _ConstantInterpreter(fx.Interpreter):
