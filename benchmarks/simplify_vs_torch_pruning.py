@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 
 import torch
@@ -160,6 +161,7 @@ def run(name: str, size: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=FAMILIES)
     parser.add_argument("--size", type=int, default=224)
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {share} | {err} | {par} | {const} | {speed[0]} | {speed[1]} |", flush=True
         )
+    print("rerun: python benchmarks/simplify_vs_torch_pruning.py " + " ".join(map(shlex.quote, argv)))
     return 0
 
 
