@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {share} | {err} | {par} | {const} | {speed[0]} | {speed[1]} |", flush=True
         )
-    print("rerun: python benchmarks/simplify_vs_torch_pruning.py " + " ".join(map(shlex.quote, argv)))
+    print(
+        "rerun: python benchmarks/simplify_vs_torch_pruning.py " + " ".join(map(shlex.quote, argv))
+    )
     return 0
 
 
