@@ -16,6 +16,7 @@ latency at batch 1 and 32 of dense / simplify / TP, timed interleaved in one pro
 
     python benchmarks/simplify_vs_torch_pruning.py [--models resnet18 ...] [--size 224]
         [--repeats 5] [--threads 1]
+    python benchmarks/simplify_vs_torch_pruning.py --removed-only --size 64   # exact counts
 
 Needs torchvision (imported through ``neuronwise.integrations.torchvision``) and torch-pruning
 (extra ``baselines``).
@@ -160,6 +161,28 @@ def run(name: str, size: int, repeats: int) -> dict:
     return row
 
 
+def removed_counts(names: list[str], size: int) -> None:
+    """Per model: Conv2d/Linear weights removed by simplify and by Torch-Pruning (exact variant)."""
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    print(f"# size {size} px: removed Conv2d/Linear weights, simplify vs Torch-Pruning")
+    for name in names:
+        try:
+            plan = torch_pruning_plan(build(name), x)
+        except Exception as failure:  # noqa: BLE001 - Torch-Pruning cannot trace or group it
+            print(f"{name}: Torch-Pruning fails ({type(failure).__name__})")
+            continue
+        model = build(name)
+        apply_plan(model, x, plan, False, prune=False)
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, x, plan, False, prune=True)
+        ours, theirs = (
+            weights(model) - weights(simplify(model, x)),
+            weights(model) - weights(pruned),
+        )
+        verdict = "at least as much" if ours >= theirs else "LESS"
+        print(f"{name}: simplify {ours:,}, Torch-Pruning {theirs:,} ({verdict})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -167,8 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--removed-only", action="store_true",
+        help="only the removed Conv2d/Linear weights of both, exact counts (no timing)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    rerun = "rerun: python benchmarks/simplify_vs_torch_pruning.py " + " ".join(
+        map(shlex.quote, argv)
+    )
+    if args.removed_only:
+        removed_counts(args.models, args.size)
+        print(rerun)
+        return 0
     print(
         f"# size {args.size} px, {args.threads} thread(s), median of {args.repeats} interleaved "
         "rounds; speed-ups over dense: simplify / Torch-Pruning"
@@ -191,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {share} | {err} | {par} | {const} | {speed[0]} | {speed[1]} |", flush=True
         )
-    print(
-        "rerun: python benchmarks/simplify_vs_torch_pruning.py " + " ".join(map(shlex.quote, argv))
-    )
+    print(rerun)
     return 0
 
 
