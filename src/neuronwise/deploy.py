@@ -1,0 +1,333 @@
+"""Unstructured sparsity as real CPU speed: per layer, the kernel and thread count that win here.
+
+``deploy(model, example_input, batch_size)`` returns an inference module built in three steps:
+
+1. **Structure.** :func:`neuronwise.simplify` removes dead neurons (same function, smaller dense
+   layers); the result is captured with ``torch.export`` (dynamic batch size) and replayed as a
+   plain ``torch.fx`` graph of ATen calls (no export guards, so no per-call overhead).
+2. **Kernels.** For every ``linear`` and every ``conv2d`` with ``groups == 1`` the dense call and a
+   sparse lowering (:class:`~neuronwise.sparse_layers.CSRLinear`, or im2col +
+   :class:`~neuronwise.sparse_layers.CSRConv2d`) are timed side by side, interleaved, on the
+   layer's real input at ``batch_size``, under each candidate thread count. A layer gets the sparse
+   kernel only if its median time is lower and its output matches the dense one
+   (max|Δ| ≤ 1e-5·max(1, max|y|)).
+3. **End to end.** For each thread count, the all-dense graph and the mixed graph are timed
+   interleaved; the fastest wins. The all-dense graph at the caller's thread count is simplify
+   alone, so the result is never slower than it (up to timing noise).
+
+The chosen thread count lives in the returned :class:`DeployedModel`: its ``forward`` sets it and
+restores the caller's ``torch.get_num_threads()`` afterwards. Timings are medians of interleaved
+rounds (a loaded machine shifts all candidates alike); the choice is only as good as the machine
+and load it was made on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from .io import atomic_torch_save
+from .simplify import simplify
+from .sparse_layers import CSRConv2d, CSRLinear
+
+__all__ = ["DeployedModel", "LayerChoice", "deploy", "load_deployed", "save_deployed"]
+
+_FORMAT = "neuronwise.deploy/1"
+_LINEAR = torch.ops.aten.linear.default
+_CONV2D = torch.ops.aten.conv2d.default
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One row of the deployment table. Times are medians in milliseconds at the chosen threads;
+    ``sparse_ms`` is None where no sparse lowering applies (e.g. grouped convolutions)."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    density: float
+    kernel: str
+    dense_ms: float
+    sparse_ms: float | None
+
+
+class DeployedModel(nn.Module):
+    """Inference module returned by :func:`deploy`: a graph of dense/CSR layers run at ``threads``
+    intra-op threads (set for its own forward only)."""
+
+    def __init__(self, graph: fx.GraphModule, threads: int, layers: Sequence[LayerChoice],
+                 program: bytes) -> None:
+        super().__init__()
+        self.graph_module = graph
+        self.threads = threads
+        self.layers = list(layers)
+        self._program = program  # the simplified dense model (torch.export), for save_deployed
+
+    def forward(self, *args: Tensor) -> Tensor:
+        previous = torch.get_num_threads()
+        if previous == self.threads:
+            return self.graph_module(*args)
+        torch.set_num_threads(self.threads)
+        try:
+            return self.graph_module(*args)
+        finally:
+            torch.set_num_threads(previous)
+
+    def table(self) -> str:
+        """The per-layer choices as aligned text: density, kernel, dense vs sparse time."""
+        header = (f"{'layer':<24} {'op':<7} {'shape':<18} {'density':>8} {'kernel':>7} "
+                  f"{'dense ms':>9} {'sparse ms':>9}")
+        lines = [f"threads {self.threads}", header]
+        for row in self.layers:
+            sparse = "-" if row.sparse_ms is None else f"{row.sparse_ms:.4f}"
+            lines.append(f"{row.name:<24} {row.op:<7} {'x'.join(map(str, row.shape)):<18} "
+                         f"{100 * row.density:>7.2f}% {row.kernel:>7} {row.dense_ms:>9.4f} "
+                         f"{sparse:>9}")
+        return "\n".join(lines)
+
+
+def deploy(model: nn.Module, example_input: Tensor, batch_size: int = 32,
+           threads: Iterable[int] | None = None, repeats: int = 30,
+           kernel: str = "auto") -> DeployedModel:
+    """``model`` without dead neurons, each layer dense or CSR and a thread count, whichever times
+    fastest at ``batch_size`` on this machine (see the module docstring).
+
+    Args:
+        model: the trained sparse network (not modified); must be ``torch.fx`` traceable.
+        example_input: one input (batch dimension first); only its shape matters.
+        batch_size: the batch size to optimise for.
+        threads: candidate intra-op thread counts (default: 1, the current setting, and the CPU
+            count).
+        repeats: timed rounds per comparison (medians are compared).
+        kernel: ``"auto"`` (timed choice), or ``"csr"`` / ``"dense"`` to force one kernel on every
+            layer where it is exact (the thread count is still timed).
+    """
+    if kernel not in ("auto", "csr", "dense"):
+        raise ValueError(f"Invalid kernel: {kernel!r} (expected 'auto', 'csr' or 'dense')")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Invalid batch_size: {batch_size!r} (expected an integer >= 1)")
+    if repeats < 1:
+        raise ValueError(f"Invalid repeats: {repeats} (expected >= 1)")
+    candidates = sorted(set(threads) if threads is not None
+                        else {1, torch.get_num_threads(), os.cpu_count() or 1})
+    if not candidates or any(not isinstance(t, int) or t < 1 for t in candidates):
+        raise ValueError(f"Invalid threads: {candidates!r} (expected positive integers)")
+    small = simplify(model, example_input)
+    example = example_input[:1].detach()
+    program = torch.export.export(
+        small.eval(), (example.repeat(2, *[1] * (example.dim() - 1)),),  # batch 1 would specialise
+        dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    dense = _plain_graph(program)
+    batch = example.expand(batch_size, *example.shape[1:]).contiguous().normal_(
+        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sites = _layer_inputs(dense, batch)
+        options = []
+        for count in candidates:
+            with _threads(count):
+                rows = [_choose(node, args, repeats, kernel) for node, args in sites]
+                kernels = {row.name: row.kernel for row in rows}
+                if kernel != "csr" or "csr" not in kernels.values():
+                    options.append(DeployedModel(dense, count, rows, buffer.getvalue()))
+                if "csr" in kernels.values():
+                    options.append(DeployedModel(_lower(dense, kernels), count, rows,
+                                                 buffer.getvalue()))
+        times = (_interleaved([lambda m=m: m(batch) for m in options], repeats)
+                 if len(options) > 1 else [0.0])
+    best = options[times.index(min(times))]
+    if best.graph_module is dense:  # the end-to-end timing overruled the per-layer choices
+        best.layers = [_as_dense(row) for row in best.layers]
+    return best
+
+
+def save_deployed(model: DeployedModel, path: str | os.PathLike) -> None:
+    """Save ``model`` atomically: the simplified dense program (``torch.export``), the thread count
+    and the per-layer choices. :func:`load_deployed` reads it with ``weights_only=True``."""
+    atomic_torch_save({
+        "format": _FORMAT,
+        "program": torch.frombuffer(bytearray(model._program), dtype=torch.uint8),
+        "threads": model.threads,
+        "layers": [{**asdict(row), "shape": list(row.shape)} for row in model.layers],
+    }, path)
+
+
+def load_deployed(path: str | os.PathLike) -> DeployedModel:
+    """The :class:`DeployedModel` saved by :func:`save_deployed` (needs no model source code)."""
+    state = torch.load(path, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not a deployed model (expected format {_FORMAT!r})")
+    program = bytes(state["program"].numpy().tobytes())
+    layers = [LayerChoice(**{**row, "shape": tuple(row["shape"])}) for row in state["layers"]]
+    dense = _plain_graph(torch.export.load(io.BytesIO(program)))
+    kernels = {row.name: row.kernel for row in layers}
+    graph = _lower(dense, kernels) if "csr" in kernels.values() else dense
+    return DeployedModel(graph, state["threads"], layers, program)
+
+
+def _plain_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The exported graph as a plain fx module: no input guards, no pytree codegen, no grads."""
+    exported = program.module()
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    output = None
+    for node in exported.graph.nodes:
+        if node.op == "call_module":  # export's input guard (``_guards_fn``)
+            continue
+        if node.op == "output":
+            output = node.args[0]
+            continue
+        values[node] = graph.node_copy(node, lambda n: values[n])
+    result = fx.map_arg(output, lambda n: values[n])
+    graph.output(result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result)
+    plain = fx.GraphModule(exported, graph)
+    plain.delete_all_unused_submodules()
+    for parameter in plain.parameters():
+        parameter.requires_grad_(False)
+    return plain.eval()
+
+
+def _is_site(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in (_LINEAR, _CONV2D):
+        return False
+    weight = node.args[1]
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return False
+    bias = node.args[2] if len(node.args) > 2 else None
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return (bias is None or bias.op == "get_attr") and not node.kwargs.get("bias") and groups == 1
+
+
+def _site_name(node: fx.Node) -> str:
+    return node.args[1].target.removesuffix(".weight")
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps the concrete arguments of every linear/conv2d call."""
+
+    def __init__(self, graph: fx.GraphModule) -> None:
+        super().__init__(graph)
+        self.sites: list[tuple[fx.Node, tuple]] = []
+
+    def run_node(self, node: fx.Node):
+        if _is_site(node):
+            args, _ = self.fetch_args_kwargs_from_env(node)
+            self.sites.append((node, args))
+        return super().run_node(node)
+
+
+def _layer_inputs(graph: fx.GraphModule, batch: Tensor) -> list[tuple[fx.Node, tuple]]:
+    recorder = _Recorder(graph)
+    recorder.run(batch)
+    return recorder.sites
+
+
+def _sparse_module(node: fx.Node, args: tuple) -> nn.Module:
+    weight, bias = args[1], args[2] if len(args) > 2 else None
+    if node.target is _LINEAR:
+        return CSRLinear(weight, bias)
+    return CSRConv2d(weight, bias, *args[3:6])
+
+
+def _choose(node: fx.Node, args: tuple, repeats: int, kernel: str) -> LayerChoice:
+    weight = args[1]
+    name = _site_name(node)
+    op = "linear" if node.target is _LINEAR else "conv2d"
+    density = float(torch.count_nonzero(weight)) / max(1, weight.numel())
+    def dense_call() -> Tensor:
+        return node.target(*args)
+
+    if weight.layout != torch.strided or weight.dtype not in (torch.float32, torch.float64):
+        dense_ms = 1e3 * _interleaved([dense_call], repeats)[0]
+        return LayerChoice(name, op, tuple(weight.shape), density, "dense", dense_ms, None)
+    sparse = _sparse_module(node, args)
+    reference, output = dense_call(), sparse(args[0])
+    exact = reference.shape == output.shape and (reference.numel() == 0 or float(
+        (reference - output).abs().max()) <= 1e-5 * max(1.0, float(reference.abs().max())))
+    dense_s, sparse_s = _interleaved([dense_call, lambda: sparse(args[0])], repeats)
+    wins = sparse_s < dense_s if kernel == "auto" else kernel == "csr"
+    return LayerChoice(name, op, tuple(weight.shape), density, "csr" if exact and wins else "dense",
+                       1e3 * dense_s, 1e3 * sparse_s)
+
+
+def _as_dense(row: LayerChoice) -> LayerChoice:
+    return LayerChoice(row.name, row.op, row.shape, row.density, "dense", row.dense_ms,
+                       row.sparse_ms)
+
+
+def _lower(dense: fx.GraphModule, kernels: dict[str, str]) -> fx.GraphModule:
+    """A copy of ``dense`` whose layers named in ``kernels`` with ``"csr"`` call a CSR module."""
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    root = nn.Module()
+    for name, attribute in dense.named_parameters():
+        _set(root, name, attribute)
+    for name, attribute in dense.named_buffers():
+        _set(root, name, attribute)
+    for node in dense.graph.nodes:
+        if _is_site(node) and kernels.get(_site_name(node)) == "csr":
+            target = "csr_" + _site_name(node).replace(".", "_")
+            args = tuple(_get(dense, a.target) if isinstance(a, fx.Node) and a.op == "get_attr"
+                         else a for a in node.args)
+            root.add_module(target, _sparse_module(node, args))
+            values[node] = graph.call_module(target, (values[node.args[0]],))
+        else:
+            values[node] = graph.node_copy(node, lambda n: values[n])
+    lowered = fx.GraphModule(root, graph)
+    lowered.graph.eliminate_dead_code()
+    lowered.delete_all_unused_submodules()
+    lowered.recompile()
+    return lowered.eval()
+
+
+def _get(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(root: nn.Module, target: str, value: Tensor) -> None:
+    *path, leaf = target.split(".")
+    for part in path:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    if isinstance(value, nn.Parameter):
+        root.register_parameter(leaf, value)
+    else:
+        root.register_buffer(leaf, value)
+
+
+class _threads:
+    """Context manager: ``torch.set_num_threads(count)`` inside, the previous count restored."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __enter__(self) -> None:
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.previous)
+
+
+def _interleaved(calls: Sequence[Callable[[], object]], repeats: int, warmup: int = 3
+                 ) -> list[float]:
+    """Median seconds per call of each of ``calls``, timed round-robin (same background load)."""
+    times: list[list[float]] = [[] for _ in calls]
+    for round_index in range(warmup + repeats):
+        for index, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            if round_index >= warmup:
+                times[index].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
