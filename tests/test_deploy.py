@@ -74,6 +74,18 @@ def test_lenet5_with_csr_convolutions_and_dead_layers():
     assert row.density == pytest.approx(expected)
 
 
+def test_channels_last_layout_keeps_the_function():
+    g = torch.Generator().manual_seed(4)
+    model = nw.models.create("lenet5").eval()
+    mask_weights(model, 0.3, g)
+    for kernel in ("dense", "csr"):
+        deployed = deploy(model, torch.zeros(1, 1, 28, 28), batch_size=2, threads=[1],
+                          repeats=1, kernel=kernel, channels_last=True)
+        conv_weights = [b for n, b in deployed.named_buffers() if b.dim() == 4]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+        assert_same_function(model, deployed, torch.randn(3, 1, 28, 28, generator=g))
+
+
 def test_a_losing_sparse_kernel_falls_back_to_dense():
     # A fully dense layer at batch 64: CSR multiplies the same number of entries through an index
     # indirection, so the timed choice must keep the dense kernel.
@@ -103,17 +115,20 @@ def test_forward_restores_the_callers_thread_count():
             torch.set_num_threads(before)
 
 
-def test_save_load_round_trip_without_model_code(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_save_load_round_trip_without_model_code(tmp_path, channels_last):
     g = torch.Generator().manual_seed(3)
     model = nw.models.create("lenet5").eval()
     mask_weights(model, 0.05, g)
     deployed = deploy(model, torch.zeros(1, 1, 28, 28), batch_size=2, threads=[1], repeats=2,
-                      kernel="csr")
+                      kernel="csr", channels_last=channels_last)
+    assert deployed.channels_last is channels_last
     save_deployed(deployed, tmp_path / "deployed.pt")
     state = torch.load(tmp_path / "deployed.pt", weights_only=True)  # no pickled code inside
     assert state["format"] == "neuronwise.deploy/1"
     loaded = load_deployed(tmp_path / "deployed.pt")
     assert loaded.threads == deployed.threads and loaded.layers == deployed.layers
+    assert loaded.channels_last is channels_last
     assert len(csr_modules(loaded)) == len(csr_modules(deployed)) == 4
     x = torch.randn(5, 1, 28, 28, generator=g)
     with torch.no_grad():
