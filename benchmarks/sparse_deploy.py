@@ -19,6 +19,7 @@ Models:
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -97,23 +98,28 @@ def report(name: str, model: nn.Module, repeats: int, folder: Path) -> list[str]
     sparsity = nw.metrics.sparsity_report(model)
     macs = mac_counts(model, EXAMPLE)
     ort = OnnxRuntime(model, folder, torch.get_num_threads())
-    rows, deployed = compare_latency(model, EXAMPLE, repeats=repeats,
-                                     extra={"onnxruntime": lambda batch: ort})
+    extra = {"ORT dense": lambda batch: ort}
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # how much of a conv net's speed-up the memory format alone gives (no sparsity used)
+        channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        extra["dense channels-last"] = lambda batch: channels_last
+    rows, deployed = compare_latency(model, EXAMPLE, repeats=repeats, extra=extra)
     alive, total = nw.metrics.count_neurons(model)["total"]
+    others = ["dense", "simplified", *extra]
     lines = [f"## {name}",
              (f"remaining parameters {sparsity['nonzero']:,} of {sparsity['total']:,} "
-             f"({sparsity['remaining_percent']:.2f} %, paper convention), "
-             f"neurons {alive}/{total}; MACs dense {macs['dense']:,}, simplified "
-             f"{macs['simplified']:,} (x{macs['dense'] / macs['simplified']:.2f}), non-zero "
-             f"{macs['nonzero']:,} (x{macs['dense'] / max(1, macs['nonzero']):.2f})"), "",
-             ("| batch | dense ms | simplified ms | deployed ms | ORT dense ms | threads | "
-             "vs dense | vs simplify | vs ORT |"), "|---|---|---|---|---|---|---|---|---|"]
+              f"({sparsity['remaining_percent']:.2f} %, paper convention), "
+              f"neurons {alive}/{total}; MACs dense {macs['dense']:,}, simplified "
+              f"{macs['simplified']:,} (x{macs['dense'] / macs['simplified']:.2f}), non-zero "
+              f"{macs['nonzero']:,} (x{macs['dense'] / max(1, macs['nonzero']):.2f})"), "",
+             "| batch | deployed ms (threads, layout) | "
+             + " | ".join(f"{o} ms (deployed speed-up)" for o in others) + " |",
+             "|---" * (2 + len(others)) + "|"]
     for row in rows:
-        lines.append(
-            f"| {row['batch']} | {row['dense_ms']:.4f} | {row['simplified_ms']:.4f} | "
-            f"{row['deployed_ms']:.4f} | {row['onnxruntime_ms']:.4f} | {row['threads']} | "
-            f"{row['speedup_vs_dense']:.2f}x | {row['speedup_vs_simplified']:.2f}x | "
-            f"{row['speedup_vs_onnxruntime']:.2f}x |")
+        layout = "NHWC" if deployed[row["batch"]].channels_last else "NCHW"
+        cells = [f"{row[f'{o}_ms']:.4f} ({row[f'speedup_vs_{o}']:.2f}x)" for o in others]
+        lines.append(f"| {row['batch']} | {row['deployed_ms']:.4f} ({row['threads']}, {layout}) | "
+                     + " | ".join(cells) + " |")
     for batch, module in deployed.items():
         lines += ["", f"per-layer choice at batch {batch}:", "```", module.table(), "```"]
     x = torch.randn(8, 1, 28, 28)
