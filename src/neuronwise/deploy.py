@@ -211,6 +211,11 @@ def _plain_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
         values[node] = graph.node_copy(node, lambda n: values[n])
         if node.op == "call_function" and node.target in _BINDINGS:
             values[node].target = _BINDINGS[node.target]
+        source = node.args[0] if node.args else None
+        if (values[node].target is torch.relu and isinstance(source, fx.Node)
+                and _BINDINGS.get(source.target) in (_LINEAR, _CONV2D)
+                and len(source.users) == 1):
+            values[node].target = torch.relu_  # a layer's fresh output, used once: no new tensor
     result = fx.map_arg(output, lambda n: values[n])
     graph.output(result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result)
     plain = fx.GraphModule(exported, graph)
