@@ -10,7 +10,7 @@ from torch import nn
 
 import neuronwise as nw
 from neuronwise.deploy import DeployedModel, deploy, load_deployed, save_deployed
-from neuronwise.sparse_layers import CSRConv2d, CSRLinear
+from neuronwise.sparse_layers import CSRConv2d, CSRLinear, GatherLinear
 
 
 def mask_weights(model: nn.Module, density: float, generator: torch.Generator) -> None:
@@ -52,6 +52,22 @@ def test_lenet300_same_function_on_random_patterns(density, dead, batch, kernel,
     if kernel == "csr":
         assert set(kernels(deployed).values()) == {"csr"}
         assert len(csr_modules(deployed)) == len(deployed.layers)
+
+
+def test_gather_kernel_drops_unused_input_features():
+    g = torch.Generator().manual_seed(5)
+    model = nw.models.create("lenet300").eval()
+    mask_weights(model, 0.2, g)
+    with torch.no_grad():
+        model.fc1.weight[:, :300] = 0.0  # the first 300 pixels are never used
+    deployed = deploy(model, torch.zeros(1, 1, 28, 28), batch_size=3, threads=[1], repeats=1,
+                      kernel="gather")
+    kernels_chosen = kernels(deployed)
+    assert kernels_chosen["fc1"] == "gather"
+    gathers = [m for m in deployed.modules() if isinstance(m, GatherLinear)]
+    assert {m.columns.numel() for m in gathers} >= {784 - 300 - int(
+        (model.fc1.weight[:, 300:] == 0).all(0).sum())}
+    assert_same_function(model, deployed, torch.randn(4, 1, 28, 28, generator=g))
 
 
 def test_lenet5_with_csr_convolutions_and_dead_layers():
@@ -143,7 +159,9 @@ def test_table_and_invalid_arguments(tmp_path):
     example = torch.zeros(1, 1, 28, 28)
     deployed = deploy(model, example, batch_size=1, threads=[1], repeats=1, kernel="dense")
     table = deployed.table()
-    assert "fc1" in table and "100.00%" in table and "csr" not in table
+    assert "fc1" in table and "100.00%" in table and "csr ms" in table
+    assert all(row.kernel == "dense" for row in deployed.layers)
+    assert not any(" csr " in line for line in table.splitlines()[2:])
     with pytest.raises(ValueError, match="batch_size"):
         deploy(model, example, batch_size=0)
     with pytest.raises(ValueError, match="threads"):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuronwise.sparse_layers import CSRConv2d, CSRLinear
+from neuronwise.sparse_layers import CSRConv2d, CSRLinear, GatherLinear
 
 
 def sparse_weight(shape, density, generator, dead_rows=(), dead_columns=()):
@@ -84,3 +84,15 @@ def test_invalid_shapes_are_rejected():
         CSRConv2d(torch.zeros(2, 3))
     with pytest.raises(TypeError, match="Invalid padding"):
         CSRConv2d(torch.zeros(2, 3, 3, 3), padding="same")
+
+
+def test_gather_linear_uses_only_the_used_columns():
+    g = torch.Generator().manual_seed(2)
+    weight = sparse_weight((6, 10), 0.7, g, dead_columns=[0, 4, 9])
+    bias = torch.randn(6, generator=g)
+    layer = GatherLinear(weight, bias)
+    assert layer.columns.tolist() == [c for c in range(10) if (weight[:, c] != 0).any()]
+    x = torch.randn(3, 10, generator=g)
+    torch.testing.assert_close(layer(x), F.linear(x, weight, bias))
+    x[:, [0, 4, 9]] = float("nan")  # unused inputs are never read
+    assert torch.isfinite(layer(x)).all()

@@ -8,10 +8,11 @@
    their public bindings, which Python dispatches faster).
 2. **Kernels.** For every ``linear`` and every ``conv2d`` with ``groups == 1`` the dense call and a
    sparse lowering (:class:`~neuronwise.sparse_layers.CSRLinear`, or im2col +
-   :class:`~neuronwise.sparse_layers.CSRConv2d`) are timed side by side, interleaved, on the
-   layer's real input at ``batch_size``, under each candidate thread count. A layer gets the sparse
-   kernel only if its median time is lower and its output matches the dense one
-   (max|Δ| ≤ 1e-5·max(1, max|y|)).
+   :class:`~neuronwise.sparse_layers.CSRConv2d`), and for a ``linear`` with unused input features
+   the dense product over the used ones (:class:`~neuronwise.sparse_layers.GatherLinear`), are
+   timed side by side, interleaved, on the layer's real input at ``batch_size``, under each
+   candidate thread count. A layer gets another kernel than dense only if its median time is
+   lower and its output matches the dense one (max|Δ| ≤ 1e-5·max(1, max|y|)).
 3. **End to end.** For each thread count (the caller's first), the all-dense graph and the mixed
    graph, and for networks with convolutions each also in ``channels_last`` memory format (input
    and conv weights; often much faster for oneDNN convolutions on CPU), are timed interleaved. The
@@ -27,6 +28,7 @@ and load it was made on.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import statistics
@@ -40,7 +42,7 @@ from torch import Tensor, fx, nn
 
 from .io import atomic_torch_save
 from .simplify import simplify
-from .sparse_layers import CSRConv2d, CSRLinear
+from .sparse_layers import CSRConv2d, CSRLinear, GatherLinear
 
 __all__ = ["DeployedModel", "LayerChoice", "deploy", "load_deployed", "save_deployed"]
 
@@ -59,8 +61,9 @@ _BINDINGS = {
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """One row of the deployment table. Times are medians in milliseconds at the chosen threads;
-    ``sparse_ms`` is None where no sparse lowering applies (e.g. grouped convolutions)."""
+    """One row of the deployment table. Times are medians in milliseconds at the chosen threads:
+    dense, CSR (``sparse_ms``) and dense over the used input features only (``gather_ms``, for a
+    ``Linear`` with unused inputs); None where that kernel does not apply or was not exact."""
 
     name: str
     op: str
@@ -69,6 +72,7 @@ class LayerChoice:
     kernel: str
     dense_ms: float
     sparse_ms: float | None
+    gather_ms: float | None = None
 
 
 class DeployedModel(nn.Module):
@@ -98,14 +102,15 @@ class DeployedModel(nn.Module):
     def table(self) -> str:
         """The per-layer choices as aligned text: density, kernel, dense vs sparse time."""
         header = (f"{'layer':<24} {'op':<7} {'shape':<18} {'density':>8} {'kernel':>7} "
-                  f"{'dense ms':>9} {'sparse ms':>9}")
+                  f"{'dense ms':>9} {'csr ms':>9} {'gather ms':>9}")
         layout = "channels_last" if self.channels_last else "contiguous (NCHW)"
         lines = [f"threads {self.threads}, memory format {layout}", header]
         for row in self.layers:
-            sparse = "-" if row.sparse_ms is None else f"{row.sparse_ms:.4f}"
+            sparse, gather = ("-" if t is None else f"{t:.4f}" for t in (row.sparse_ms,
+                                                                         row.gather_ms))
             lines.append(f"{row.name:<24} {row.op:<7} {'x'.join(map(str, row.shape)):<18} "
                          f"{100 * row.density:>7.2f}% {row.kernel:>7} {row.dense_ms:>9.4f} "
-                         f"{sparse:>9}")
+                         f"{sparse:>9} {gather:>9}")
         return "\n".join(lines)
 
 
@@ -123,12 +128,13 @@ def deploy(model: nn.Module, example_input: Tensor, batch_size: int = 32,
             threads rarely pay for layers this small, and waking them costs milliseconds on a busy
             machine).
         repeats: timed rounds per comparison (medians are compared).
-        kernel: ``"auto"`` (timed choice), or ``"csr"`` / ``"dense"`` to force one kernel on every
-            layer where it is exact (the thread count is still timed).
+        kernel: ``"auto"`` (timed choice), or ``"csr"`` / ``"gather"`` / ``"dense"`` to force one
+            kernel on every layer where it applies and is exact (threads are still timed).
         channels_last: None (timed, for networks with convolutions), or force the memory format.
     """
-    if kernel not in ("auto", "csr", "dense"):
-        raise ValueError(f"Invalid kernel: {kernel!r} (expected 'auto', 'csr' or 'dense')")
+    if kernel not in ("auto", "csr", "gather", "dense"):
+        raise ValueError(
+            f"Invalid kernel: {kernel!r} (expected 'auto', 'csr', 'gather' or 'dense')")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Invalid batch_size: {batch_size!r} (expected an integer >= 1)")
     if repeats < 1:
@@ -157,7 +163,7 @@ def deploy(model: nn.Module, example_input: Tensor, batch_size: int = 32,
             with _threads(count):
                 rows = [_choose(node, args, repeats, kernel) for node, args in sites]
             variants = [rows]
-            if kernel == "auto" and "csr" in (row.kernel for row in rows):
+            if kernel == "auto" and any(row.kernel != "dense" for row in rows):
                 variants.insert(0, [_as_dense(row) for row in rows])  # in case the mix loses
             for variant in variants:
                 kernels = {row.name: row.kernel for row in variant}
@@ -260,43 +266,58 @@ def _layer_inputs(graph: fx.GraphModule, batch: Tensor) -> list[tuple[fx.Node, t
     return recorder.sites
 
 
-def _sparse_module(node: fx.Node, args: tuple) -> nn.Module:
+def _sparse_module(node: fx.Node, args: tuple, kernel: str) -> nn.Module:
     weight, bias = args[1], args[2] if len(args) > 2 else None
+    if kernel == "gather":
+        return GatherLinear(weight, bias)
     if node.target is _LINEAR:
         return CSRLinear(weight, bias)
     return CSRConv2d(weight, bias, *args[3:6])
 
 
 def _choose(node: fx.Node, args: tuple, repeats: int, kernel: str) -> LayerChoice:
-    weight = args[1]
+    weight, x = args[1], args[0]
     name = _site_name(node)
     op = "linear" if node.target is _LINEAR else "conv2d"
     density = float(torch.count_nonzero(weight)) / max(1, weight.numel())
+
     def dense_call() -> Tensor:
         return node.target(*args)
 
     if weight.layout != torch.strided or weight.dtype not in (torch.float32, torch.float64):
         dense_ms = 1e3 * _interleaved([dense_call], repeats)[0]
         return LayerChoice(name, op, tuple(weight.shape), density, "dense", dense_ms, None)
-    sparse = _sparse_module(node, args)
-    reference, output = dense_call(), sparse(args[0])
-    exact = reference.shape == output.shape and (reference.numel() == 0 or float(
-        (reference - output).abs().max()) <= 1e-5 * max(1.0, float(reference.abs().max())))
-    dense_s, sparse_s = _interleaved([dense_call, lambda: sparse(args[0])], repeats)
-    wins = sparse_s < dense_s if kernel == "auto" else kernel == "csr"
-    return LayerChoice(name, op, tuple(weight.shape), density, "csr" if exact and wins else "dense",
-                       1e3 * dense_s, 1e3 * sparse_s)
+    names = ["csr"]
+    if op == "linear" and bool((weight == 0).all(0).any()):
+        names.append("gather")  # some input features are never used
+    reference = dense_call()
+    modules = {}
+    for candidate in names:
+        module = _sparse_module(node, args, candidate)
+        output = module(x)
+        if reference.shape == output.shape and (reference.numel() == 0 or float(
+                (reference - output).abs().max()) <= 1e-5 * max(1.0, float(reference.abs().max()))):
+            modules[candidate] = module
+    seconds = _interleaved([dense_call, *(lambda m=m: m(x) for m in modules.values())], repeats)
+    times = dict(zip(["dense", *modules], seconds))
+    if kernel == "auto":
+        chosen = min(times, key=times.get)
+    else:
+        chosen = kernel if kernel in times else "dense"
+    return LayerChoice(name, op, tuple(weight.shape), density, chosen, 1e3 * times["dense"],
+                       1e3 * times["csr"] if "csr" in times else None,
+                       1e3 * times["gather"] if "gather" in times else None)
 
 
 def _as_dense(row: LayerChoice) -> LayerChoice:
-    return LayerChoice(row.name, row.op, row.shape, row.density, "dense", row.dense_ms,
-                       row.sparse_ms)
+    return dataclasses.replace(row, kernel="dense")
 
 
 def _lower(dense: fx.GraphModule, kernels: dict[str, str], channels_last: bool) -> fx.GraphModule:
-    """``dense`` itself, or a copy whose layers named in ``kernels`` with ``"csr"`` call a CSR
-    module and, with ``channels_last``, whose 4-D inputs and weights are in that memory format."""
-    if not channels_last and "csr" not in kernels.values():
+    """``dense`` itself, or a copy whose layers named in ``kernels`` with ``"csr"``/``"gather"``
+    call that module and, with ``channels_last``, whose 4-D inputs and weights are in that memory
+    format."""
+    if not channels_last and set(kernels.values()) <= {"dense"}:
         return dense
     graph = fx.Graph()
     values: dict[fx.Node, fx.Node] = {}
@@ -310,11 +331,11 @@ def _lower(dense: fx.GraphModule, kernels: dict[str, str], channels_last: bool) 
             placeholder = graph.node_copy(node)
             values[node] = graph.call_method("contiguous", (placeholder,),
                                              {"memory_format": torch.channels_last})
-        elif _is_site(node) and kernels.get(_site_name(node)) == "csr":
-            target = "csr_" + _site_name(node).replace(".", "_")
+        elif _is_site(node) and kernels.get(_site_name(node), "dense") != "dense":
+            target = f"{kernels[_site_name(node)]}_" + _site_name(node).replace(".", "_")
             args = tuple(_get(dense, a.target) if isinstance(a, fx.Node) and a.op == "get_attr"
                          else a for a in node.args)
-            root.add_module(target, _sparse_module(node, args))
+            root.add_module(target, _sparse_module(node, args, kernels[_site_name(node)]))
             values[node] = graph.call_module(target, (values[node.args[0]],))
         else:
             values[node] = graph.node_copy(node, lambda n: values[n])

@@ -7,6 +7,8 @@ agree to rounding, not bitwise):
 - :class:`CSRLinear`: y = x Wᵀ + b computed as (W xᵀ + b 1ᵀ)ᵀ with W in CSR (rows = outputs), one
   ``torch.addmm`` with a sparse first operand. The result is the transpose of a contiguous
   (out, batch) matrix, so a following ``CSRLinear`` receives a contiguous xᵀ for free.
+- :class:`GatherLinear`: the dense product over the used inputs only, y = x[:, J] W[:, J]ᵀ + b with
+  J = the columns of W holding a non-zero (dead input features, e.g. never-used border pixels).
 - :class:`CSRConv2d`: im2col lowering. With cols = unfold(x) of shape (N, C·kh·kw, L) (L output
   positions), y[n, o, l] = Σ_j W[o, j] · cols[n, j, l] + b[o]; the batch is folded into the columns
   (C·kh·kw, N·L) so one sparse × dense product serves the whole batch. ``groups`` must be 1.
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CSRConv2d", "CSRLinear", "to_csr"]
+__all__ = ["CSRConv2d", "CSRLinear", "GatherLinear", "to_csr"]
 
 
 def to_csr(weight: Tensor) -> Tensor:
@@ -92,3 +94,24 @@ class CSRConv2d(nn.Module):
         nnz = self.weight.values().numel()
         return (f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, nnz={nnz}")
+
+
+class GatherLinear(nn.Module):
+    """``F.linear(x, weight, bias)`` computed densely over the input features that ``weight`` uses."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"Invalid weight: shape {tuple(weight.shape)} (expected 2-D)")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        columns = (weight.detach() != 0).any(0).nonzero().flatten()
+        self.register_buffer("columns", columns)
+        self.register_buffer("weight", weight.detach()[:, columns].contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.index_select(-1, self.columns), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (used {self.columns.numel()}), "
+                f"out_features={self.out_features}")
