@@ -10,7 +10,8 @@ Models:
 - ``--lenet300 RUN``: a trained LOBSTER LeNet-300-100 run directory (``neuronwise run ...``).
 - ``--lenet5 RUN``: a trained LOBSTER LeNet-5 run directory; without it, a LeNet-5 with a
   synthetic LOBSTER-like mask at 0.87 % (see ``lobster_like_lenet5``), stated as such.
-- controls: LeNet-300 dense (100 %) and with a random 50 % mask: deploy must not be slower.
+- controls: LeNet-300 dense (100 %) and with a random 50 % mask: deploy must not be slower;
+  LeNet-300 with a random 2 % mask (almost no dead neurons): the CSR kernel's own worth.
 
     python benchmarks/sparse_deploy.py --lenet300 runs/lobster-lenet300-strong \
         [--lenet5 RUN] [--repeats 100] [--threads 1] [--output docs/results/sparse_deploy.txt]
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         models.append(("control: LeNet-300-100 dense", random_mask(nw.models.create("lenet300"), 1.0)))
         models.append(("control: LeNet-300-100, random 50 % mask",
                        random_mask(nw.models.create("lenet300"), 0.5)))
+        # unstructured sparsity without dead neurons: what the CSR kernel alone is worth
+        models.append(("control: LeNet-300-100, random 2 % mask (no dead neurons)",
+                       random_mask(nw.models.create("lenet300"), 0.02)))
     command = "python benchmarks/sparse_deploy.py " + " ".join(sys.argv[1:] if argv is None
                                                                else argv)
     lines = [f"# Sparse deployment: {command}",
