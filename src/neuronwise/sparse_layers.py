@@ -41,14 +41,18 @@ def _bias_column(bias: Tensor | None, rows: int, like: Tensor) -> Tensor:
     return bias.detach().reshape(rows, 1).clone()
 
 
+def _matrix_shape(weight: Tensor) -> tuple[int, int]:
+    if weight.dim() != 2:
+        raise ValueError(f"Invalid weight: shape {tuple(weight.shape)} (expected 2-D)")
+    return weight.shape[0], weight.shape[1]
+
+
 class CSRLinear(nn.Module):
     """``F.linear(x, weight, bias)`` for 2-D ``x`` with ``weight`` stored in CSR."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
-        if weight.dim() != 2:
-            raise ValueError(f"Invalid weight: shape {tuple(weight.shape)} (expected 2-D)")
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.out_features, self.in_features = _matrix_shape(weight)
         self.register_buffer("weight", to_csr(weight))
         self.register_buffer("bias", _bias_column(bias, weight.shape[0], weight))
 
@@ -101,9 +105,7 @@ class GatherLinear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
-        if weight.dim() != 2:
-            raise ValueError(f"Invalid weight: shape {tuple(weight.shape)} (expected 2-D)")
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.out_features, self.in_features = _matrix_shape(weight)
         columns = (weight.detach() != 0).any(0).nonzero().flatten()
         self.register_buffer("columns", columns)
         self.register_buffer("weight", weight.detach()[:, columns].contiguous())
