@@ -13,7 +13,7 @@ Models:
 - controls: LeNet-300 dense (100 %) and with a random 50 % mask: deploy must not be slower;
   LeNet-300 with a random 2 % mask (almost no dead neurons): the CSR kernel's own worth.
 
-    python benchmarks/sparse_deploy.py --lenet300 runs/lobster-lenet300-strong \
+    python benchmarks/sparse_deploy.py --lenet300 runs/lobster-lenet300-mnist-deploy \
         [--lenet5 RUN] [--repeats 100] [--threads 1] [--output docs/results/sparse_deploy.txt]
 """
 
