@@ -5,6 +5,7 @@ plain classes that take a model, with ``step()`` and ``state_dict()``, usable in
 """
 
 from neuronwise import data, distributed, metrics, models, pruning, sharpness, structure
+from neuronwise.deploy import deploy, load_deployed, save_deployed
 from neuronwise.entropy import LayerEntropy, PSPEntropy, psp_entropy
 from neuronwise.lobster import Lobster
 from neuronwise.neq import NEq
@@ -35,16 +36,19 @@ __all__ = [
     "SeReNe",
     "__version__",
     "data",
+    "deploy",
     "distributed",
     "export_onnx",
     "global_magnitude_prune",
     "l1_structured_prune",
+    "load_deployed",
     "load_simplified",
     "metrics",
     "models",
     "neuron_l1_norms",
     "pruning",
     "psp_entropy",
+    "save_deployed",
     "save_simplified",
     "sharpness",
     "simplify",

@@ -98,6 +98,14 @@ def cmd_simplify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .deployment import deploy_run
+
+    print(deploy_run(args.run_dir, batch_size=args.batch_size, export=args.export,
+                     checkpoint=args.checkpoint))
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze_run
 
@@ -162,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     simplify.add_argument("--explain", action="store_true",
                           help="list the dead neurons kept, per layer, and the node that blocked them")
     simplify.set_defaults(func=cmd_simplify)
+
+    deploy = commands.add_parser(
+        "deploy", help="simplify, then time dense vs sparse (CSR) kernels per layer; measure")
+    deploy.add_argument("run_dir", help="run directory holding config.yaml and last.pt")
+    deploy.add_argument("--batch-size", type=int, default=32, help="batch size to optimise for")
+    deploy.add_argument("--export", metavar="DIR",
+                        help="write deployed.pt and deploy.json here (default: the run directory)")
+    deploy.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    deploy.set_defaults(func=cmd_deploy)
 
     analyze = commands.add_parser("analyze", help="PSP-entropy / sharpness analysis of a run")
     analyze.add_argument("run_dir", help="run directory holding config.yaml and last.pt")
