@@ -75,6 +75,7 @@ class NEqCallback(MethodCallback):
         self.val_size = val_size
         self.kwargs = kwargs
         self.total_backward = 0
+        self.handles: list = []
 
     @classmethod
     def from_config(cls, config: NEqConfig, regularizer=None) -> NEqCallback:
@@ -101,8 +102,7 @@ class NEqCallback(MethodCallback):
         super().setup(context)
         kwargs = {"seed": context.seed, **self.kwargs}
         self.method = nw.NEq(context.model, self._probe_inputs(context), **kwargs)
-        for optimizer in context.optimizers:
-            self.method.attach(optimizer)
+        self.handles = [self.method.attach(optimizer) for optimizer in context.optimizers]
         self.total_backward = nw.metrics.backward_flops(context.model, context.example_input)
 
     def on_epoch_end(self, record: dict) -> None:
@@ -129,6 +129,12 @@ class NEqCallback(MethodCallback):
         record["neq_time_s"] = round(time.perf_counter() - started, 6)
         speeds = neq.velocity_quantiles([p / 100 for p in self.percentiles])
         record["velocity_quantiles"] = {f"p{p}": s for p, s in zip(self.percentiles, speeds)}
+
+
+    def teardown(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        super().teardown()
 
 
 register("neq", NEqCallback, config=NEqConfig)
