@@ -174,8 +174,8 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
 
 def compression_levels(history: list[dict]) -> list[dict]:
     """Per compression level (a distinct non-zero count), the epoch with the best validation
-    accuracy and its test accuracy: the official LOBSTER ``log.txt`` rule (METHODS.md §8); without a
-    validation split, the level's last epoch."""
+    accuracy and its test accuracy: the per-level rule of METHODS.md §8; without a validation
+    split, the level's last epoch."""
     best: dict[int, dict] = {}
     for record in history:
         level = record["nonzero_paper"]
@@ -221,7 +221,7 @@ def write_report(run_path: str | Path) -> Path:
     lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Per compression level", "",
               ("Test error at the best-validation-accuracy epoch of each compression level "
-               "(official LOBSTER log rule)."), ""] + levels_table(history)
+               "(METHODS.md §8)."), ""] + levels_table(history)
     lines += [""] + [f"![{title}]({name})" for name, title in plots]
     lines += ["", "## Config", "", "```yaml", config_text.strip(), "```", ""]
     markdown = "\n".join(lines)
