@@ -1,4 +1,5 @@
-"""Seeds, random-state capture, optimizer and learning-rate schedule of a run (from its config)."""
+"""The parts of a run built from its config: device, datasets, optimizer, learning-rate schedule;
+seeds and random-state capture."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .config import Config
+from neuronwise import data as nwdata
+
+from .config import Config, DataConfig
 
 
 def rng_state() -> dict:
@@ -74,3 +77,30 @@ def load_scheduler_state(scheduler, state: dict) -> None:
     if "milestones" in state:
         state["milestones"] = Counter(state["milestones"])
     scheduler.load_state_dict(state)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a device that works here (``auto``: CUDA when available)."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto"
+                              else name)
+        torch.empty(0, device=device)  # a missing device fails here, not mid-run
+    except (RuntimeError, AssertionError) as error:  # AssertionError: torch without CUDA
+        raise ValueError(f"train.device: {name!r} is not usable here "
+                         f"({str(error).strip().splitlines()[0]})") from None
+    return device
+
+
+def load_datasets(data: DataConfig) -> tuple[nwdata.ArrayDataset, nwdata.ArrayDataset]:
+    """The full training split and the test split of ``data.name`` (``limit_*`` applied)."""
+    if nwdata.DATASETS.get(data.name) is None:
+        raise ValueError(f"data.name: unknown dataset {data.name!r} "
+                         f"(expected one of {sorted(nwdata.DATASETS)})")
+    root = nwdata.resolve_root(data.root)
+    train = nwdata.load(data.name, split="train", root=root, verify=data.verify)
+    test = nwdata.load(data.name, split="test", root=root, verify=data.verify)
+    if data.limit_train:
+        train = train.subset(torch.arange(min(data.limit_train, len(train))))
+    if data.limit_test:
+        test = test.subset(torch.arange(min(data.limit_test, len(test))))
+    return train, test

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from .methods import Metric
 
@@ -32,3 +34,17 @@ def format_record(record: dict, declared: Iterable[Metric] = ()) -> str:
         if metric.console and metric.key in record and record[metric.key] is not False:
             line += "  " + metric.console.format(**record)
     return line
+
+
+def open_tensorboard(folder: Path) -> Any:
+    """A ``SummaryWriter`` on ``folder``, or ``None`` without the optional tensorboard extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def write_scalars(writer: Any, record: dict) -> None:
+    for key, value in scalars(record):
+        writer.add_scalar(key, value, record["epoch"])

@@ -28,7 +28,9 @@ from . import methods
 from .components import (
     build_optimizer,
     build_scheduler,
+    load_datasets,
     load_scheduler_state,
+    resolve_device,
     rng_state,
     scheduler_state,
     seed_everything,
@@ -37,7 +39,7 @@ from .components import (
 from .config import Config
 from .distributed_setup import elastic_job, restart_count, run_on_main
 from .methods import MethodCallback, MethodContext
-from .records import format_record, scalars
+from .records import format_record, open_tensorboard, write_scalars
 from .rundir import RunDir, RunDirError, check_training_state
 
 CHECKPOINT_FORMAT = 1
@@ -94,34 +96,15 @@ class Trainer:
         c = self.config
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
-        try:
-            self.device = torch.device(
-                ("cuda" if torch.cuda.is_available() else "cpu") if c.train.device == "auto"
-                else c.train.device
-            )
-            torch.empty(0, device=self.device)  # a missing device fails here, not mid-run
-        except (RuntimeError, AssertionError) as error:  # AssertionError: torch without CUDA
-            raise ValueError(f"train.device: {c.train.device!r} is not usable here "
-                             f"({str(error).strip().splitlines()[0]})") from None
+        self.device = resolve_device(c.train.device)
         seed_everything(c.train.seed)
         rank, world = distributed.rank(), distributed.world_size()
         if c.data.batch_size % world:
             raise ValueError(f"data.batch_size: {c.data.batch_size} is not divisible by the world "
                              f"size {world} (the batch size is global)")
-        info = nwdata.DATASETS.get(c.data.name)
-        if info is None:
-            raise ValueError(f"data.name: unknown dataset {c.data.name!r} "
-                             f"(expected one of {sorted(nwdata.DATASETS)})")
-        root = nwdata.resolve_root(c.data.root)
-        full_train = nwdata.load(c.data.name, split="train", root=root, verify=c.data.verify)
-        test = nwdata.load(c.data.name, split="test", root=root, verify=c.data.verify)
-        if c.data.limit_train:
-            full_train = full_train.subset(torch.arange(min(c.data.limit_train, len(full_train))))
-        if c.data.limit_test:
-            test = test.subset(torch.arange(min(c.data.limit_test, len(test))))
+        full_train, self.test_set = load_datasets(c.data)
         self.train_set, self.val_set = nwdata.train_val_split(
             full_train, val_fraction=c.data.val_fraction, seed=c.data.split_seed)
-        self.test_set = test
         self.train_loader = nwdata.TensorLoader(
             self.train_set, batch_size=c.data.batch_size // world, shuffle=True,
             augment=c.data.augment, seed=c.train.seed, rank=rank, world_size=world)
@@ -329,7 +312,8 @@ class Trainer:
                 self.run.write_info(self.config.train.seed)
             for callback in self.callbacks:
                 callback.on_fit_start()
-            self._open_tensorboard()
+            if distributed.is_main_process():
+                self.tensorboard = open_tensorboard(self.run.path / "tensorboard")
             while self.epoch < self.config.train.epochs:
                 self._run_epoch(self.epoch + 1)
             return self.history
@@ -408,20 +392,6 @@ class Trainer:
                                     "config": self.config.to_dict()})
         if epoch % self.config.train.checkpoint_every == 0 or epoch == self.config.train.epochs:
             self._save()
-        self._write_tensorboard(record)
+        if self.tensorboard is not None:
+            write_scalars(self.tensorboard, record)
         self.log(format_record(record, [m for cb in self.callbacks for m in cb.metrics]))
-
-    def _open_tensorboard(self) -> None:
-        if not distributed.is_main_process():
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is an optional extra
-            return
-        self.tensorboard = SummaryWriter(log_dir=str(self.run.path / "tensorboard"))
-
-    def _write_tensorboard(self, record: dict) -> None:
-        if self.tensorboard is None:
-            return
-        for key, value in scalars(record):
-            self.tensorboard.add_scalar(key, value, record["epoch"])
