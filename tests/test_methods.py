@@ -240,3 +240,16 @@ def test_the_experiment_layer_has_no_import_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+@pytest.mark.parametrize("schedule", ["plateau", "oneshot", "iterative", "gradual"])
+def test_the_pruning_importance_reaches_every_schedule(schedule):
+    config = cfg.from_dict({"pruning": {"schedule": schedule, "importance": "taylor"}})
+    (callback,) = methods.build_callbacks(config)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    callback.setup(MethodContext(model, [torch.optim.SGD(model.parameters(), lr=0.1)],
+                                 torch.device("cpu"), torch.zeros(1, 4), lambda: 1.0))
+    chosen = callback.method.importance if callback.method is not None else callback.importance
+    assert chosen is nw.pruning.get_importance("taylor")
+    with pytest.raises(cfg.ConfigError, match=r"pruning.importance: expected one of \[.*'taylor'"):
+        cfg.from_dict({"pruning": {"importance": "random"}})

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 import neuronwise as nw
 
@@ -20,15 +21,17 @@ KINDS = ("oneshot", "iterative", "gradual")
 class MagnitudePruningCallback(MethodCallback):
     """Prunes to ``sparsity`` by global magnitude: once after ``start_epoch`` (0: before
     training), or ``fraction`` of the survivors every ``every`` epochs (iterative), or along the
-    cubic schedule from ``start_epoch`` to ``end_epoch`` (gradual). The mask is shared with
-    ``regularizer`` if given, else applied here after every optimizer step."""
+    cubic schedule from ``start_epoch`` to ``end_epoch`` (gradual), lowest ``importance`` first
+    (default |w|). The mask is shared with ``regularizer`` if given, else applied here after every
+    optimizer step."""
 
     metrics = (Metric("target_sparsity", "target fraction of zeros of this epoch's pruning"),)
 
     def __init__(self, kind: Literal["oneshot", "iterative", "gradual"], sparsity: float = 0.9,
                  fraction: float = 0.2, start_epoch: int = 0, end_epoch: int = 10, every: int = 1,
                  regularizer: MethodCallback | None = None,
-                 modules: tuple[type[nn.Module], ...] | None = None) -> None:
+                 modules: tuple[type[nn.Module], ...] | None = None,
+                 importance: Callable[[Tensor], Tensor] = nw.pruning.magnitude) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"Invalid kind: {kind!r} (expected one of {list(KINDS)})")
@@ -37,6 +40,7 @@ class MagnitudePruningCallback(MethodCallback):
         self.start_epoch, self.end_epoch, self.every = start_epoch, end_epoch, every
         self.regularizer = regularizer
         self._modules = modules
+        self.importance = importance
         self.done = False
 
     @classmethod
@@ -44,7 +48,8 @@ class MagnitudePruningCallback(MethodCallback):
                     regularizer: MethodCallback | None = None) -> MagnitudePruningCallback:
         return cls(config.schedule, sparsity=config.sparsity, fraction=config.fraction,
                    start_epoch=config.start_epoch, end_epoch=config.end_epoch,
-                   every=config.every, regularizer=regularizer)
+                   every=config.every, regularizer=regularizer,
+                   importance=nw.pruning.get_importance(config.importance))
 
     @property
     def modules(self) -> tuple[type[nn.Module], ...]:
@@ -59,13 +64,14 @@ class MagnitudePruningCallback(MethodCallback):
         if self.kind == "iterative":
             self.method = nw.IterativeMagnitudePruning(
                 model, fraction=self.fraction, every=self.every,
-                final_sparsity=self.sparsity, modules=modules, mask=mask)
+                final_sparsity=self.sparsity, modules=modules, mask=mask,
+                importance=self.importance)
         elif self.kind == "gradual":
             self.method = nw.GradualMagnitudePruning(
                 model, final_sparsity=self.sparsity, start_step=self.start_epoch,
                 frequency=self.every,
                 num_updates=max(1, (self.end_epoch - self.start_epoch) // self.every),
-                modules=modules, mask=mask)
+                modules=modules, mask=mask, importance=self.importance)
 
     @property
     def mask(self):
@@ -78,7 +84,7 @@ class MagnitudePruningCallback(MethodCallback):
 
     def _prune_once(self) -> None:
         nw.global_magnitude_prune(self.context.model, self.sparsity, modules=self.modules,
-                                  mask=self.shared_mask)
+                                  mask=self.shared_mask, importance=self.importance)
         self.done = True
 
     def after_optimizer_step(self) -> None:

@@ -22,7 +22,7 @@ class PlateauPruningCallback(MethodCallback):
     ``regularizer`` (a method callback with a ``mask``, e.g. LOBSTER or SeReNe) the pruner shares
     its mask and, by default, its module types; without it the mask is applied here after every
     optimizer step. ``kwargs`` go to ``PruneOnPlateau`` (``plateau_tolerance``, ``granularity``,
-    ``safe_threshold``).
+    ``safe_threshold``, ``importance``).
     """
 
     metrics = (
@@ -52,7 +52,8 @@ class PlateauPruningCallback(MethodCallback):
                     regularizer: MethodCallback | None = None) -> PlateauPruningCallback:
         return cls(patience=config.patience, tolerance=config.tolerance,
                    plateau_tolerance=config.plateau_tolerance, granularity=config.granularity,
-                   safe_threshold=config.safe_threshold, regularizer=regularizer)
+                   safe_threshold=config.safe_threshold, regularizer=regularizer,
+                   importance=nw.pruning.get_importance(config.importance))
 
     @property
     def modules(self) -> tuple[type[nn.Module], ...]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import neuronwise as nw
+
 from ..schema import setting
 from .registry import names
 
@@ -24,6 +26,10 @@ class PruningConfig:
                                "pruning", bounds=">= 0")
     plateau_tolerance: float = setting(0.01, "plateau: relative margin under which a loss is not "
                                        "\"bad\"", bounds=">= 0")
+    importance: str = setting("magnitude", "criterion ranking the entries, lowest pruned first: a "
+                              "registered parameter importance (magnitude: |w|; taylor: "
+                              "|w·∂L/∂w| from the last step's gradient)",
+                              choices=lambda: nw.pruning.importance_names("parameter"))
     granularity: Literal["params", "neurons"] = setting("params", "mask per entry or per whole "
                                                         "neuron")
     safe_threshold: bool = setting(False, "plateau: use the largest threshold verified within TWT")
