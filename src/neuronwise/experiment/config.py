@@ -17,7 +17,7 @@ import yaml
 
 from . import methods
 from .methods import PruningConfig
-from .schema import ConfigError, build, meta, setting
+from .schema import ConfigError, build, is_key, meta, setting
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "PruningConfig",
            "ScheduleConfig", "TrainConfig", "apply_overrides", "dump", "from_dict", "load",
@@ -110,8 +110,8 @@ class Config:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # Section name → that method's config dataclass; every registered method has one.
-    sections: dict = field(init=False, default_factory=lambda: {
-        name: cls() for name, cls in methods.sections().items()})
+    sections: dict = field(default_factory=lambda: {
+        name: cls() for name, cls in methods.sections().items()}, metadata={"yaml": False})
 
     def section(self, name: str) -> Any:
         """The config section of method ``name`` (``None`` when it has none)."""
@@ -128,7 +128,7 @@ class Config:
         """The YAML mapping: top-level keys in file order, method sections after ``method``."""
         tree = {}
         for f in dataclasses.fields(self):
-            if f.name == "sections":
+            if not is_key(f):
                 continue
             value = getattr(self, f.name)
             tree[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

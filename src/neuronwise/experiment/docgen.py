@@ -140,7 +140,7 @@ def config_reference() -> str:
     ]
     sections = []
     for field in dataclasses.fields(root):
-        if not field.init:
+        if not schema.is_key(field):
             continue
         kind = hints[field.name]
         if dataclasses.is_dataclass(kind):

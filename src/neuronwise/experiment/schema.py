@@ -46,6 +46,11 @@ def setting(default: Any, help: str = "", *, bounds: str | None = None,
     return dataclasses.field(default=default, metadata=meta(help, bounds, choices))
 
 
+def is_key(field: dataclasses.Field) -> bool:
+    """Whether ``field`` is a key of the YAML mapping (``metadata={"yaml": False}``: it is not)."""
+    return field.metadata.get("yaml", True)
+
+
 def help_text(field: dataclasses.Field) -> str:
     return field.metadata.get("help", "")
 
@@ -116,7 +121,7 @@ def build(cls: type, data: Any, prefix: str = "", skip: Iterable[str] = ()) -> A
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {describe(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if is_key(f)}
     skip = list(skip)
     values = {}
     for key, value in data.items():
