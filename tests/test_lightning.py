@@ -164,3 +164,19 @@ def test_constructors_validate_before_fit():
         PruneOnPlateauCallback(regularizer=object())
     with pytest.raises(TypeError, match="Invalid val_inputs"):
         NEqCallback([1, 2])
+
+
+def test_any_method_callback_runs_through_the_adapter():
+    from neuronwise.experiment.methods.magnitude import MagnitudePruningCallback
+    from neuronwise.integrations.lightning import MethodCallbackAdapter
+
+    model = Classifier()
+    adapter = MethodCallbackAdapter(MagnitudePruningCallback("oneshot", sparsity=0.5))
+    _fit(model, [adapter], epochs=2, validate=False)
+    params = [p for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
+    total = sum(p.numel() for p in params)
+    zeros = sum(int((p == 0).sum()) for p in params)
+    assert zeros == round(0.5 * total)  # pruned up front, kept at zero through 2 epochs of SGD
+    assert adapter.state_dict()["done"] is True
+    with pytest.raises(TypeError, match="Invalid callback"):
+        MethodCallbackAdapter(object())

@@ -68,6 +68,7 @@ class MethodCallbackAdapter(pl.Callback):
         self._pending: dict[str, Any] | None = None
         self._handles: list[Any] = []
         self._fitting = False
+        self._built = False  # set up at least once (its state is then the callback's)
 
     @property
     def method(self) -> Any:
@@ -87,8 +88,9 @@ class MethodCallbackAdapter(pl.Callback):
         if not self._fitting:
             for other in self.requires:
                 other.ensure_built(trainer, pl_module)
-            previous = self.callback.state_dict() if self.method is not None else None
+            previous = self.callback.state_dict() if self._built else None
             self.callback.setup(self._context(trainer, pl_module))
+            self._built = True
             state = self._pending if self._pending is not None else previous
             if state is not None:
                 self.callback.load_state_dict(state)
@@ -138,7 +140,7 @@ class MethodCallbackAdapter(pl.Callback):
         self._fitting = False
 
     def state_dict(self) -> dict[str, Any]:
-        if self.method is None:
+        if not self._built:
             return dict(self._pending or {})
         return self.callback.state_dict()
 
