@@ -8,6 +8,7 @@ import ast
 import json
 import re
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import neuronwise as nw
 from neuronwise.experiment import config as cfg
 from neuronwise.experiment import methods
 from neuronwise.experiment.cli import main
-from neuronwise.experiment.methods import MethodCallback, MethodContext, Metric
+from neuronwise.experiment.methods import MethodCallback, MethodContext, Metric, registry
 from neuronwise.experiment.schema import setting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +156,22 @@ def test_unknown_method_names_the_registered_ones():
     with pytest.raises(cfg.ConfigError, match=r"pruning.schedule: expected one of \['none', "
                                               r"'plateau', 'oneshot', 'iterative', 'gradual'\]"):
         cfg.from_dict({"pruning": {"schedule": "random"}})
+
+
+def _register_taylor() -> None:
+    methods.register("taylor", TaylorPruning, config=TaylorConfig)
+
+
+def test_entry_points_register_when_the_registry_is_first_read(monkeypatch):
+    point = metadata.EntryPoint("taylor", f"{__name__}:_register_taylor", methods.ENTRY_POINT_GROUP)
+    groups = {methods.ENTRY_POINT_GROUP: [point]}
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: groups.get(group, []))
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert methods.names("method")[-1] == "taylor"
+        assert cfg.from_dict({"method": "taylor"}).taylor == TaylorConfig()
+    finally:
+        methods.unregister("taylor")
 
 
 def test_registration_is_checked():
