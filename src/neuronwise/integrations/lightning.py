@@ -11,7 +11,8 @@ callback's ``method`` attribute (``Lobster``, ``SeReNe``, ``PruneOnPlateau`` or 
 Hooks map one to one: ``on_before_backward`` → ``before_backward``, ``on_after_backward`` →
 ``after_backward``, an optimizer step post-hook → ``after_optimizer_step`` (so gradient
 accumulation and AMP's skipped steps are respected), ``on_train_epoch_end`` (after the epoch's
-validation) → ``on_epoch_end``.
+validation) → ``on_epoch_end``, whose declared entries (``MethodCallback.metrics``) are logged
+with ``pl_module.log_dict`` (dict entries as ``key/name``).
 
 Example::
 
@@ -41,6 +42,7 @@ from neuronwise.experiment.methods.lobster import LobsterCallback as _Lobster
 from neuronwise.experiment.methods.neq import NEqCallback as _NEq
 from neuronwise.experiment.methods.plateau import PlateauPruningCallback as _Plateau
 from neuronwise.experiment.methods.serene import SeReNeCallback as _SeReNe
+from neuronwise.experiment.records import scalars
 
 __all__ = ["LobsterCallback", "MethodCallbackAdapter", "NEqCallback", "PruneOnPlateauCallback",
            "SeReNeCallback"]
@@ -130,6 +132,12 @@ class MethodCallbackAdapter(pl.Callback):
                     f"(available: {sorted(trainer.callback_metrics)})")
             record["val_loss"] = float(trainer.callback_metrics[self.monitor])
         self.callback.on_epoch_end(record)
+        # The entries the callback declares, as Lightning metrics (loggers, callback_metrics).
+        declared = {m.key: record[m.key] for m in self.callback.metrics if m.key in record}
+        values = {tag: float(value) for tag, value in scalars(declared)}
+        values.update({k: float(v) for k, v in declared.items() if isinstance(v, bool)})
+        if values:
+            pl_module.log_dict(values, on_epoch=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:
