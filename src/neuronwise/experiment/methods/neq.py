@@ -50,7 +50,7 @@ class NEqCallback(MethodCallback):
 
     percentiles = (0, 10, 25, 50, 75, 90, 100)  # of |velocity|, recorded each epoch
     metrics = (
-        Metric("frozen_percent", "neurons frozen during the epoch (%)", plot="line",
+        Metric("frozen_percent", "NEq frozen neurons (%)", plot="line",
                file="frozen.png", summary="mean", summary_label="mean frozen neurons (NEq)",
                unit="%", console="frozen {frozen_percent:.1f}%"),
         Metric("frozen_per_layer", "NEq frozen neurons per layer (%)", plot="lines",
