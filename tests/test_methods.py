@@ -5,6 +5,7 @@ experiment layer has no import cycle."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -181,6 +182,9 @@ def test_registration_is_checked():
         methods.register("lobster", TaylorPruning, config=TaylorConfig)
     with pytest.raises(ValueError, match="expected an identifier"):
         methods.register("none", TaylorPruning)
+    with pytest.raises(ValueError, match="a top-level config key"):
+        methods.register("train", TaylorPruning, config=TaylorConfig)
+    assert set(registry.RESERVED) == {f.name for f in dataclasses.fields(cfg.Config)}
 
 
 def test_callbacks_are_built_in_loop_order_and_share_the_mask():

@@ -91,8 +91,8 @@ class TrainConfig:
                                   "on --resume)")
 
 
-# Sections of the registered methods sit between ``method`` and ``pruning`` in a config file.
-_BEFORE_SECTIONS = ("name", "data", "model", "optim", "schedule", "method")
+# Sections of the registered methods follow this key in a config file (before ``pruning``).
+_SECTIONS_AFTER = "method"
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Config:
                 continue
             value = getattr(self, f.name)
             tree[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-            if f.name == _BEFORE_SECTIONS[-1]:
+            if f.name == _SECTIONS_AFTER:
                 tree.update({k: dataclasses.asdict(v) for k, v in self.sections.items()})
         return tree
 

@@ -24,6 +24,8 @@ from .base import MethodCallback, Metric
 
 ENTRY_POINT_GROUP = "neuronwise.methods"
 NONE = "none"  # the name that selects no method / no pruning schedule
+# Top-level keys of a run config: a method's section cannot take their place.
+RESERVED = ("name", "data", "model", "optim", "schedule", "method", "pruning", "train", "sections")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ def register(name: str, callback: type[MethodCallback], *, config: type | None =
                          "'pruning' section (expected config=None)")
     if name == NONE or not name.replace("-", "_").isidentifier():
         raise ValueError(f"Invalid method name: {name!r} (expected an identifier, not 'none')")
+    if kind == "method" and name in RESERVED:
+        raise ValueError(f"Invalid method name: {name!r} (a top-level config key; reserved: "
+                         f"{', '.join(RESERVED)})")
     entry = Registration(name, callback, config, kind, needs_validation)
     old = _REGISTRY.get(name)
     if old is not None and (old.callback, old.config, old.kind) != (callback, config, kind):
