@@ -59,7 +59,7 @@ def test_cli_reference_lists_every_subcommand_and_flag():
 
 def test_config_reference_lists_every_key_with_its_default():
     text = docgen.config_reference()
-    flat = docgen.config_module._flatten(docgen.config_module.Config().to_dict())
+    flat = docgen.schema.flatten(docgen.config_module.Config().to_dict())
     for key, value in flat.items():
         assert re.search(rf"\| `{re.escape(key)}` \| [^|]+ \| `{re.escape(repr(value))}` \|", text), key
 

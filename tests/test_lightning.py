@@ -164,3 +164,32 @@ def test_constructors_validate_before_fit():
         PruneOnPlateauCallback(regularizer=object())
     with pytest.raises(TypeError, match="Invalid val_inputs"):
         NEqCallback([1, 2])
+
+
+def test_any_method_callback_runs_through_the_adapter():
+    from neuronwise.experiment.methods.magnitude import MagnitudePruningCallback
+    from neuronwise.integrations.lightning import MethodCallbackAdapter
+
+    model = Classifier()
+    adapter = MethodCallbackAdapter(MagnitudePruningCallback("oneshot", sparsity=0.5))
+    _fit(model, [adapter], epochs=2, validate=False)
+    params = [p for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
+    total = sum(p.numel() for p in params)
+    zeros = sum(int((p == 0).sum()) for p in params)
+    assert zeros == round(0.5 * total)  # pruned up front, kept at zero through 2 epochs of SGD
+    assert adapter.state_dict()["done"] is True
+    with pytest.raises(TypeError, match="Invalid callback"):
+        MethodCallbackAdapter(object())
+
+
+def test_declared_metrics_are_logged_to_lightning():
+    val_inputs = _data(8).tensors[0]
+    callback = NEqCallback(val_inputs, eps=0.02, mu=0.0)
+    trainer = _fit(Classifier(), [callback], epochs=2, validate=False)
+    logged = trainer.callback_metrics
+    assert {"frozen_percent", "frozen_per_layer/net.0", "velocity_quantiles/p50",
+            "backward_saving_percent"} <= set(logged)
+    # The last epoch's frozen share is the neuron-weighted mean of the layers' (12 and 10 rows).
+    layers = [float(logged[f"frozen_per_layer/{n}"]) for n in ("net.0", "net.2")]
+    expected = (12 * layers[0] + 10 * layers[1]) / 22
+    assert float(logged["frozen_percent"]) == pytest.approx(expected, rel=1e-5)

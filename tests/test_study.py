@@ -184,7 +184,7 @@ def test_rerun_skips_training_and_reuses_or_redoes_the_analysis(study):
     ({"transfer": {"dataset": "cifar10"}}, "transfer.dataset: expected a dataset with the input"),
     ({"transfer": {"dataset": "svhn"}}, "transfer.dataset: expected null or one of"),
     ({"analysis": {"sigmas": []}}, "analysis.sigmas: expected a non-empty list"),
-    ({"dense_epochs": "10"}, "dense_epochs: expected int"),
+    ({"dense_epochs": "10"}, "dense_epochs: expected an integer"),
 ])
 def test_study_config_errors(change, message):
     with pytest.raises(ConfigError) as error:

@@ -1,249 +1,160 @@
 """Typed experiment configuration: dataclasses loaded from YAML, validated, with ``--set`` overrides.
 
-A config file mirrors :class:`Config`. Every key is checked: an unknown key, a wrong type or a value
-outside its choices raises :class:`ConfigError` with one line naming the file, the dotted key, what was
-expected and what was found.
+A config file mirrors :class:`Config`, plus one section per registered method (``methods/``).
+Every key is checked by the engine of ``schema.py``: an unknown key, a wrong type or a value outside
+its choices or bounds raises :class:`ConfigError` with one line naming the file, the dotted key,
+what was expected and what was found.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from . import methods
+from .methods import PruningConfig
+from .schema import ConfigError, build, is_key, meta, setting
 
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the source and the key."""
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "PruningConfig",
+           "ScheduleConfig", "TrainConfig", "apply_overrides", "dump", "from_dict", "load",
+           "parse_override", "read_yaml"]
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # dataset: mnist, fashion-mnist, cifar10, cifar100, digits, imagefolder
-    root: str | None = None  # data folder (default: --data-root, $NEURONWISE_DATA, the cache)
-    verify: bool = True  # check file checksums (md5 of decompressed content) before use
-    val_fraction: float = 0.1  # share of the training set held out for validation
-    split_seed: int = 0  # seed of the train/validation split
-    batch_size: int = 100  # global training batch (divided among DDP ranks)
-    eval_batch_size: int = 1000  # batch of validation/test evaluation
-    augment: Literal["cifar"] | None = None  # "cifar": random crop 32 pad 4 + horizontal flip
-    limit_train: int | None = None  # use only the first N training samples (smoke tests)
-    limit_test: int | None = None  # use only the first N test samples (smoke tests)
+    name: str = setting("digits", "dataset: mnist, fashion-mnist, cifar10, cifar100, digits, "
+                        "imagefolder")
+    root: str | None = setting(None, "data folder (default: --data-root, $NEURONWISE_DATA, the "
+                               "cache)")
+    verify: bool = setting(True, "check file checksums (md5 of decompressed content) before use")
+    val_fraction: float = setting(0.1, "share of the training set held out for validation",
+                                  bounds="in [0, 1]")
+    split_seed: int = setting(0, "seed of the train/validation split")
+    batch_size: int = setting(100, "global training batch (divided among DDP ranks)", bounds="> 0")
+    eval_batch_size: int = setting(1000, "batch of validation/test evaluation", bounds="> 0")
+    augment: Literal["cifar"] | None = setting(None, "\"cifar\": random crop 32 pad 4 + "
+                                               "horizontal flip")
+    limit_train: int | None = setting(None, "use only the first N training samples (smoke tests)")
+    limit_test: int | None = setting(None, "use only the first N test samples (smoke tests)")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # registry name: lenet300, lenet5, resnet20/32/56, vgg16, alexnet, mlp
-    kwargs: dict = field(default_factory=dict)  # extra builder options, e.g. {variant: 2L}
-    init_from: str | None = None  # a checkpoint whose "model" weights start the run
+    name: str = setting("mlp", "registry name: lenet300, lenet5, resnet20/32/56, vgg16, alexnet, "
+                        "mlp")
+    kwargs: dict = field(default_factory=dict,
+                         metadata=meta("extra builder options, e.g. {variant: 2L}"))
+    init_from: str | None = setting(None, "a checkpoint whose \"model\" weights start the run")
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"  # optimizer
-    lr: float = 0.1  # learning rate
-    momentum: float = 0.0  # SGD momentum
-    weight_decay: float = 0.0  # L2 (SGD, Adam) or decoupled (AdamW) weight decay
-    nesterov: bool = False  # SGD Nesterov momentum
+    name: Literal["sgd", "adam", "adamw"] = setting("sgd", "optimizer")
+    lr: float = setting(0.1, "learning rate", bounds=">= 0")
+    momentum: float = setting(0.0, "SGD momentum", bounds=">= 0")
+    weight_decay: float = setting(0.0, "L2 (SGD, Adam) or decoupled (AdamW) weight decay",
+                                  bounds=">= 0")
+    nesterov: bool = setting(False, "SGD Nesterov momentum")
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule. ``plateau`` is the official LOBSTER/SeReNe ReduceLROnPlateau."""
 
-    name: Literal["none", "plateau", "multistep", "step", "cosine"] = "none"  # LR schedule
-    factor: float = 0.1  # multiplicative LR decay (plateau, multistep, step)
-    patience: int = 10  # plateau: epochs without improvement before decaying
-    threshold: float = 0.0  # plateau: relative improvement that counts
-    cooldown: int = 50  # plateau: epochs to wait after a decay
-    milestones: list = field(default_factory=list)  # multistep: epochs at which to decay
-    step_size: int = 30  # step: decay every this many epochs
-
-
-@dataclass
-class LobsterConfig:
-    lam: float = 1e-4  # λ, strength of the sensitivity-driven decay (not multiplied by the LR)
-    scale_by_lr: bool = False  # multiply λ by the learning rate (paper form)
-    rescaled: bool = False  # sensitivity |g|/max|g| without relu (SeReNe repository variant)
-
-
-@dataclass
-class SeReNeConfig:
-    lam: float = 1e-4  # λ, strength of the neuron-level decay
-    variant: Literal["lower-bound", "full", "local"] = "lower-bound"  # neuron sensitivity form
-
-
-@dataclass
-class NEqConfig:
-    eps: float = 1e-3  # ε: a neuron with |velocity| below it is frozen next epoch
-    mu: float = 0.5  # μ: momentum of the velocity
-    velocity: Literal["paper", "official"] = "paper"  # velocity recurrence (METHODS.md §5)
-    val_size: float = 0.001  # share of the training set used as the fixed probe set Ξ
-    selection: Literal["threshold", "random", "topk"] = "threshold"  # ε rule or a baseline
-    trained_fraction: float | None = None  # random/topk baselines: share of neurons trained
-    warmup: int = 1  # epochs that train every neuron before freezing starts
-    mode: Literal["optim", "grad", "restore"] = "optim"  # how frozen neurons are kept still
-    skip_frozen_grads: bool = False  # really skip frozen layers' / rows' weight gradients
-
-
-@dataclass
-class PruningConfig:
-    """Pruning schedule: ``plateau`` is LOBSTER/SeReNe's PruneOnPlateau (§1 of METHODS.md)."""
-
-    schedule: Literal["none", "plateau", "oneshot", "iterative", "gradual"] = "none"  # schedule
-    patience: int = 20  # plateau: PWE, bad epochs (loss ≥ best·(1+plateau_tolerance)) to prune
-    tolerance: float = 0.05  # plateau: TWT, allowed relative val-loss increase of a pruning
-    plateau_tolerance: float = 0.01  # plateau: relative margin under which a loss is not "bad"
-    granularity: Literal["params", "neurons"] = "params"  # mask per entry or per whole neuron
-    safe_threshold: bool = False  # plateau: use the largest threshold verified within TWT
-    sparsity: float = 0.9  # oneshot/iterative/gradual: target fraction of zeros
-    fraction: float = 0.2  # iterative: share of surviving parameters removed per round
-    start_epoch: int = 0  # oneshot: prune after this epoch (0: before training); gradual: start
-    end_epoch: int = 10  # gradual: epoch at which the target sparsity is reached
-    every: int = 1  # iterative/gradual: epochs between pruning rounds
+    name: Literal["none", "plateau", "multistep", "step", "cosine"] = setting("none",
+                                                                              "LR schedule")
+    factor: float = setting(0.1, "multiplicative LR decay (plateau, multistep, step)")
+    patience: int = setting(10, "plateau: epochs without improvement before decaying",
+                            bounds=">= 0")
+    threshold: float = setting(0.0, "plateau: relative improvement that counts")
+    cooldown: int = setting(50, "plateau: epochs to wait after a decay", bounds=">= 0")
+    milestones: list = field(default_factory=list,
+                             metadata=meta("multistep: epochs at which to decay"))
+    step_size: int = setting(30, "step: decay every this many epochs", bounds="> 0")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # training epochs (may change on --resume; config.yaml then records the new value)
-    seed: int = 0  # seed of initialization, data order and augmentation
-    device: str = "cpu"  # cpu, cuda, cuda:N or auto
-    threads: int | None = None  # torch.set_num_threads (default: torch's choice; may change on --resume)
-    checkpoint_every: int = 1  # epochs between last.pt checkpoints (may change on --resume)
-    channels_last: bool = False  # NHWC conv weights: faster CPU convs/pooling (may change on --resume)
+    epochs: int = setting(10, "training epochs (may change on --resume; config.yaml then records "
+                          "the new value)", bounds=">= 0")
+    seed: int = setting(0, "seed of initialization, data order and augmentation")
+    device: str = setting("cpu", "cpu, cuda, cuda:N or auto")
+    threads: int | None = setting(None, "torch.set_num_threads (default: torch's choice; may "
+                                  "change on --resume)", bounds="> 0")
+    checkpoint_every: int = setting(1, "epochs between last.pt checkpoints (may change on "
+                                    "--resume)", bounds="> 0")
+    channels_last: bool = setting(False, "NHWC conv weights: faster CPU convs/pooling (may change "
+                                  "on --resume)")
+
+
+# Sections of the registered methods follow this key in a config file (before ``pruning``).
+_SECTIONS_AFTER = "method"
 
 
 @dataclass
 class Config:
-    name: str = "run"  # run name, used for the default run directory runs/NAME-TIMESTAMP
+    """A run. Besides these keys, each registered method has a section named like it (``lobster:``,
+    ``serene:``, ``neq:``, ...), read as ``config.lobster`` or ``config.section("lobster")``."""
+
+    name: str = setting("run", "run name; the default run directory is `runs/NAME-TIMESTAMP`")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    method: Literal["none", "lobster", "serene", "neq"] = "none"  # regularizer / freezing method
-    lobster: LobsterConfig = field(default_factory=LobsterConfig)
-    serene: SeReNeConfig = field(default_factory=SeReNeConfig)
-    neq: NEqConfig = field(default_factory=NEqConfig)
+    method: str = setting("none", "the method trained; its section below holds its settings",
+                          choices=lambda: methods.names("method"))
     pruning: PruningConfig = field(default_factory=PruningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Section name → that method's config dataclass; every registered method has one.
+    sections: dict = field(default_factory=lambda: {
+        name: cls() for name, cls in methods.sections().items()}, metadata={"yaml": False})
+
+    def section(self, name: str) -> Any:
+        """The config section of method ``name`` (``None`` when it has none)."""
+        return self.sections.get(name)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: the method sections.
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The YAML mapping: top-level keys in file order, method sections after ``method``."""
+        tree = {}
+        for f in dataclasses.fields(self):
+            if not is_key(f):
+                continue
+            value = getattr(self, f.name)
+            tree[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            if f.name == _SECTIONS_AFTER:
+                tree.update({k: dataclasses.asdict(v) for k, v in self.sections.items()})
+        return tree
 
 
-_NON_NEGATIVE = {
-    "data.val_fraction", "optim.lr", "optim.momentum", "optim.weight_decay", "lobster.lam",
-    "serene.lam", "neq.eps", "neq.mu", "pruning.tolerance", "pruning.plateau_tolerance",
-    "pruning.patience", "train.epochs", "neq.warmup", "pruning.start_epoch", "schedule.patience",
-    "schedule.cooldown",
-}
-_POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.checkpoint_every", "pruning.every",
-             "train.threads", "schedule.step_size"}
-_FRACTIONS = {"data.val_fraction", "neq.val_size", "pruning.sparsity", "pruning.fraction",
-              "neq.trained_fraction"}
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _coerce(kind: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(kind)
-    if origin in (Union, types.UnionType):
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(options[0], value, key)
-    if origin is Literal:
-        choices = typing.get_args(kind)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {list(choices)}, got {_describe(value)}")
-        return value
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value, key)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
-        return value
-    if kind is float:
-        # YAML 1.1 reads "1e-4" (no dot) as a string; accept any number-like text.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
-        return value
-    if kind in (list, dict):
-        if not isinstance(value, kind):
-            raise ConfigError(f"{key}: expected a {kind.__name__}, got {_describe(value)}")
-        return value
-    raise TypeError(f"unsupported config field type {kind!r} at {key}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown key '{dotted}'{hint}")
-        values[key] = _coerce(hints[key], value, dotted)
-    return cls(**values)
-
-
-def _check_ranges(config: Config) -> None:
-    if config.pruning.schedule == "plateau" and config.data.val_fraction == 0:
-        raise ConfigError("pruning.schedule: 'plateau' decides on the validation loss, but "
-                          "data.val_fraction is 0 (expected a validation split > 0)")
-    flat = _flatten(config.to_dict())
-    for key, value in flat.items():
-        if value is None:
-            continue
-        if key in _NON_NEGATIVE and value < 0:
-            raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
-        if key in _POSITIVE and value <= 0:
-            raise ConfigError(f"{key}: expected a value > 0, got {value!r}")
-        if key in _FRACTIONS and not 0 <= value <= 1:
-            raise ConfigError(f"{key}: expected a fraction in [0, 1], got {value!r}")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "kwargs":
-            flat.update(_flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
+def _check_validation(config: Config) -> None:
+    for kind, name in (("method", config.method), ("pruning", config.pruning.schedule)):
+        entry = methods.get(name, kind)
+        if entry is not None and entry.needs_validation and config.data.val_fraction == 0:
+            key = "method" if kind == "method" else "pruning.schedule"
+            raise ConfigError(f"{key}: {name!r} decides on the validation loss, but "
+                              "data.val_fraction is 0 (expected a validation split > 0)")
 
 
 def from_dict(data: dict, source: str = "config") -> Config:
     """Build and validate a :class:`Config`; errors name ``source`` and the dotted key."""
     try:
-        config = _build(Config, data or {}, "")
-        _check_ranges(config)
+        data = data or {}
+        kinds = methods.sections()
+        config = build(Config, data, "", skip=kinds)
+        config.sections = {name: build(cls, data.get(name, {}), name)
+                           for name, cls in kinds.items()}
+        _check_validation(config)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     return config

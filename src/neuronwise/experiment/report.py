@@ -1,4 +1,9 @@
-"""``neuronwise report RUN``: a markdown summary, PNG plots, and a one-page offline HTML version."""
+"""``neuronwise report RUN``: a markdown summary, PNG plots, and a one-page offline HTML version.
+
+Besides the entries every run has (loss, accuracy, sparsity, neurons), the report shows the
+metrics that registered methods declare (``Metric``: plot, summary row), for those present in the
+run's ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 
 from neuronwise.io import atomic_write_bytes, atomic_write_text
 
+from . import methods
 from .config import ConfigError
 from .rundir import RunDir, RunDirError
 
@@ -16,7 +22,6 @@ PLOTS = (
     ("loss.png", "Loss", ("train_loss", "val_loss", "test_loss")),
     ("accuracy.png", "Top-1 accuracy (%)", ("train_accuracy", "val_accuracy", "test_accuracy")),
     ("sparsity.png", "Remaining parameters (%, 'paper' convention)", ("remaining_percent_paper",)),
-    ("frozen.png", "NEq frozen neurons (%)", ("frozen_percent",)),
 )
 
 
@@ -62,44 +67,83 @@ def _plot(history: list[dict], keys: tuple[str, ...], title: str, path: Path) ->
     return _lines(series, title, path, log="remaining" in keys[0])
 
 
-def _plot_frozen_layers(history: list[dict], path: Path) -> bool:
-    """NEq: frozen % of each hooked layer during each epoch."""
-    records = [r for r in history if "frozen_per_layer" in r]
-    layers = records[0]["frozen_per_layer"] if records else {}
-    series = {name: [(r["epoch"], r["frozen_per_layer"][name]) for r in records] for name in layers}
-    return _lines(series, "NEq frozen neurons per layer (%)", path)
+def _plot_lines(history: list[dict], key: str, title: str, path: Path) -> bool:
+    """A ``{name: value}`` entry per epoch: one line per name (those of its first epoch)."""
+    records = [r for r in history if key in r]
+    names = records[0][key] if records else {}
+    return _lines({name: [(r["epoch"], r[key][name]) for r in records] for name in names},
+                  title, path)
 
 
-def _plot_velocity(history: list[dict], eps: float | None, path: Path) -> bool:
-    """NEq: percentile bands of |velocity| over hooked neurons after each epoch (log scale)."""
-    records = [r for r in history if "velocity_quantiles" in r]
+def _plot_bands(history: list[dict], key: str, title: str, path: Path,
+                reference: tuple[str, float] | None) -> bool:
+    """Percentiles ``{"p0": ..., "p100": ...}`` per epoch: 10–90 % and 25–75 % bands, median,
+    extremes, and an optional horizontal ``reference`` line ``(label, value)``."""
+    records = [r for r in history if key in r]
     if not records:
         return False
     epochs = [r["epoch"] for r in records]
-    at = lambda p: [r["velocity_quantiles"][f"p{p}"] for r in records]
-    positive = [v for r in records for v in r["velocity_quantiles"].values() if v > 0]
+    at = lambda p: [r[key][f"p{p}"] for r in records]
+    positive = [v for r in records for v in r[key].values() if v > 0]
     figure, axis = _pyplot().subplots(figsize=(6, 3.5))
-    # Logarithmic above the smallest non-zero value, linear below: |v| = 0 (a neuron whose outputs
-    # on Ξ did not change, e.g. dead) stays visible at the bottom.
-    axis.set_yscale("symlog", linthresh=min(positive + ([eps] if eps else []), default=1e-6))
+    # Logarithmic above the smallest non-zero value, linear below: exact zeros stay visible.
+    extra = [reference[1]] if reference and reference[1] else []
+    axis.set_yscale("symlog", linthresh=min(positive + extra, default=1e-6))
     axis.fill_between(epochs, at(10), at(90), alpha=0.2, color="C0", label="10–90 %")
     axis.fill_between(epochs, at(25), at(75), alpha=0.4, color="C0", label="25–75 %")
     axis.plot(epochs, at(50), color="C0", label="median")
     axis.plot(epochs, at(0), ":", color="C0", linewidth=0.8, label="min, max")
     axis.plot(epochs, at(100), ":", color="C0", linewidth=0.8)
-    if eps:
-        axis.axhline(eps, color="C3", linestyle="--", label=f"ε = {eps:g}")
-    _save(figure, axis, "NEq |velocity| over hooked neurons (percentiles)", path)
+    if reference and reference[1]:
+        axis.axhline(reference[1], color="C3", linestyle="--", label=reference[0])
+    _save(figure, axis, title, path)
     return True
 
 
-def _threshold(run: RunDir) -> float | None:
-    """The run's ε when NEq freezes by threshold, else None (no line to draw)."""
+def _reference(run: RunDir, entry, metric) -> tuple[str, float] | None:
+    """The metric's reference line, from the run's config section of the method declaring it."""
+    if metric.reference is None:
+        return None
     try:
         config = run.read_config()
     except ConfigError:
         return None
-    return config.neq.eps if config.method == "neq" and config.neq.selection == "threshold" else None
+    if config.method != entry.name or config.section(entry.name) is None:
+        return None
+    return metric.reference(config.section(entry.name))
+
+
+def _declared_plots(run: RunDir, history: list[dict]) -> list[tuple[str, str]]:
+    """The plots of the metrics that registered methods declare, for those in the history."""
+    plots = []
+    for entry, metric in methods.declared_metrics():
+        if metric.plot is None or not any(metric.key in r for r in history):
+            continue
+        path = run.path / metric.file
+        if metric.plot == "line":
+            drawn = _plot(history, (metric.key,), metric.description, path)
+        elif metric.plot == "lines":
+            drawn = _plot_lines(history, metric.key, metric.description, path)
+        else:
+            drawn = _plot_bands(history, metric.key, metric.description, path,
+                                _reference(run, entry, metric))
+        if drawn:
+            plots.append((metric.file, metric.description))
+    return plots
+
+
+def _summary_row(history: list[dict], metric) -> tuple[str, str] | None:
+    records = [r for r in history if metric.key in r]
+    if not records or metric.summary is None:
+        return None
+    if metric.summary == "count":
+        count = sum(1 for r in records if r[metric.key])
+        return (metric.summary_label, str(count)) if count else None
+    mean = sum(r[metric.key] for r in records) / len(records)
+    if metric.summary == "mean":
+        return metric.summary_label, f"{mean:.2f}{metric.unit}"
+    train = sum(r["train_time_s"] for r in records) / len(records)
+    return metric.summary_label, f"{mean:.3g} s ({100 * mean / train:.2f}%)"
 
 
 def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, str]]:
@@ -121,25 +165,17 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
         rows.append(("best validation accuracy (epoch)",
                      (f"{best['val_accuracy']:.2f}% ({best['epoch']}), "
                      f"test there {best.get('test_accuracy', float('nan')):.2f}%")))
-    pruned = [r for r in history if r.get("pruned")]
-    if pruned:
-        rows.append(("pruning events", str(len(pruned))))
-    if "frozen_percent" in last:
-        mean_frozen = sum(r["frozen_percent"] for r in history) / len(history)
-        rows.append(("mean frozen neurons (NEq)", f"{mean_frozen:.2f}%"))
-    probed = [r for r in history if "neq_time_s" in r]
-    if probed:
-        probe = sum(r["neq_time_s"] for r in probed) / len(probed)
-        train = sum(r["train_time_s"] for r in probed) / len(probed)
-        rows.append(("mean NEq probe pass per epoch (% of training time)",
-                     f"{probe:.3g} s ({100 * probe / train:.2f}%)"))
+    for _, metric in methods.declared_metrics():
+        row = _summary_row(history, metric)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
 def compression_levels(history: list[dict]) -> list[dict]:
     """Per compression level (a distinct non-zero count), the epoch with the best validation
-    accuracy and its test accuracy: the official LOBSTER ``log.txt`` rule (METHODS.md §8); without a
-    validation split, the level's last epoch."""
+    accuracy and its test accuracy: the per-level rule of METHODS.md §8; without a validation
+    split, the level's last epoch."""
     best: dict[int, dict] = {}
     for record in history:
         level = record["nonzero_paper"]
@@ -177,10 +213,7 @@ def write_report(run_path: str | Path) -> Path:
     info = run.path / "run_info.json"
     plots = [(name, title) for name, title, keys in PLOTS
              if _plot(history, keys, title, run.path / name)]
-    if _plot_frozen_layers(history, run.path / "frozen_layers.png"):
-        plots.append(("frozen_layers.png", "NEq frozen neurons per layer (%)"))
-    if _plot_velocity(history, _threshold(run), run.path / "velocity.png"):
-        plots.append(("velocity.png", "NEq |velocity| percentiles over hooked neurons"))
+    plots += _declared_plots(run, history)
     rows = summarize(history, best)
     lines = [f"# Report: {run.path.name}", ""]
     if info.exists():
@@ -188,7 +221,7 @@ def write_report(run_path: str | Path) -> Path:
     lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Per compression level", "",
               ("Test error at the best-validation-accuracy epoch of each compression level "
-               "(official LOBSTER log rule)."), ""] + levels_table(history)
+               "(METHODS.md §8)."), ""] + levels_table(history)
     lines += [""] + [f"![{title}]({name})" for name, title in plots]
     lines += ["", "## Config", "", "```yaml", config_text.strip(), "```", ""]
     markdown = "\n".join(lines)

@@ -1,21 +1,21 @@
 """The training loop behind ``neuronwise run``: data, model, optimizer, schedule, method callbacks,
 evaluation, checkpoints and exact resume.
 
-Epoch order (METHODS.md §1): train → evaluate val/test → callbacks (pruning decides on the validation
-loss) → LR schedule (same pre-pruning validation loss) → record → checkpoint.
+Epoch order (METHODS.md §1): train → evaluate val/test → method callbacks (which may decide on the
+validation loss) → LR schedule (same validation loss) → record → checkpoint. The trainer knows no
+method: it builds the registered callbacks that the config names (``methods/``) and calls their
+hooks.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,8 +24,22 @@ from neuronwise import data as nwdata
 from neuronwise import distributed, metrics, models
 from neuronwise.io import atomic_write_text
 
+from . import methods
+from .components import (
+    build_optimizer,
+    build_scheduler,
+    load_datasets,
+    load_scheduler_state,
+    resolve_device,
+    rng_state,
+    scheduler_state,
+    seed_everything,
+    set_rng_state,
+)
 from .config import Config
 from .distributed_setup import elastic_job, restart_count, run_on_main
+from .methods import MethodCallback, MethodContext
+from .records import format_record, open_tensorboard, write_scalars
 from .rundir import RunDir, RunDirError, check_training_state
 
 CHECKPOINT_FORMAT = 1
@@ -37,102 +51,11 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/Inf loss or weights; the last good checkpoint is kept."""
 
 
-class Callback:
-    """Hook points of the trainer; methods (LOBSTER, SeReNe, NEq, pruning) plug in through them."""
-
-    name = "callback"
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        pass
-
-    def before_backward(self, trainer: Trainer, logits: torch.Tensor) -> None:
-        pass
-
-    def after_optimizer_step(self, trainer: Trainer) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
-        """Called after evaluation, before the LR schedule; may add entries to ``record``."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 @dataclass
 class Evaluation:
     loss: float
     accuracy: float
     samples: int
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(config: Config, parameters) -> torch.optim.Optimizer:
-    o = config.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(parameters, lr=o.lr, momentum=o.momentum,
-                               weight_decay=o.weight_decay, nesterov=o.nesterov)
-    if o.name == "adam":
-        return torch.optim.Adam(parameters, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(parameters, lr=o.lr, weight_decay=o.weight_decay)
-
-
-def build_scheduler(config: Config, optimizer):
-    s = config.schedule
-    lr = torch.optim.lr_scheduler
-    if s.name == "plateau":
-        return lr.ReduceLROnPlateau(optimizer, mode="min", factor=s.factor, patience=s.patience,
-                                    threshold=s.threshold, cooldown=s.cooldown)
-    if s.name == "multistep":
-        return lr.MultiStepLR(optimizer, milestones=list(s.milestones), gamma=s.factor)
-    if s.name == "step":
-        return lr.StepLR(optimizer, step_size=s.step_size, gamma=s.factor)
-    if s.name == "cosine":
-        return lr.CosineAnnealingLR(optimizer, T_max=max(1, config.train.epochs))
-    return None
-
-
-def _scheduler_state(scheduler) -> dict:
-    state = dict(scheduler.state_dict())
-    # MultiStepLR keeps a Counter, which weights_only loading refuses; a dict carries the same.
-    if "milestones" in state:
-        state["milestones"] = dict(state["milestones"])
-    return state
-
-
-def _load_scheduler_state(scheduler, state: dict) -> None:
-    from collections import Counter
-
-    state = dict(state)
-    if "milestones" in state:
-        state["milestones"] = Counter(state["milestones"])
-    scheduler.load_state_dict(state)
 
 
 class Trainer:
@@ -148,7 +71,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict = {"val_accuracy": -1.0, "epoch": 0}
         self.epoch = 0
-        self.callbacks: list[Callback] = []
+        self.callbacks: list[MethodCallback] = []
         self.tensorboard = None
 
     # -- setup ------------------------------------------------------------------------------
@@ -173,34 +96,15 @@ class Trainer:
         c = self.config
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
-        try:
-            self.device = torch.device(
-                ("cuda" if torch.cuda.is_available() else "cpu") if c.train.device == "auto"
-                else c.train.device
-            )
-            torch.empty(0, device=self.device)  # a missing device fails here, not mid-run
-        except (RuntimeError, AssertionError) as error:  # AssertionError: torch without CUDA
-            raise ValueError(f"train.device: {c.train.device!r} is not usable here "
-                             f"({str(error).strip().splitlines()[0]})") from None
+        self.device = resolve_device(c.train.device)
         seed_everything(c.train.seed)
         rank, world = distributed.rank(), distributed.world_size()
         if c.data.batch_size % world:
             raise ValueError(f"data.batch_size: {c.data.batch_size} is not divisible by the world "
                              f"size {world} (the batch size is global)")
-        info = nwdata.DATASETS.get(c.data.name)
-        if info is None:
-            raise ValueError(f"data.name: unknown dataset {c.data.name!r} "
-                             f"(expected one of {sorted(nwdata.DATASETS)})")
-        root = nwdata.resolve_root(c.data.root)
-        full_train = nwdata.load(c.data.name, split="train", root=root, verify=c.data.verify)
-        test = nwdata.load(c.data.name, split="test", root=root, verify=c.data.verify)
-        if c.data.limit_train:
-            full_train = full_train.subset(torch.arange(min(c.data.limit_train, len(full_train))))
-        if c.data.limit_test:
-            test = test.subset(torch.arange(min(c.data.limit_test, len(test))))
+        full_train, self.test_set = load_datasets(c.data)
         self.train_set, self.val_set = nwdata.train_val_split(
             full_train, val_fraction=c.data.val_fraction, seed=c.data.split_seed)
-        self.test_set = test
         self.train_loader = nwdata.TensorLoader(
             self.train_set, batch_size=c.data.batch_size // world, shuffle=True,
             augment=c.data.augment, seed=c.train.seed, rank=rank, world_size=world)
@@ -220,18 +124,21 @@ class Trainer:
         self.example_input = torch.zeros(1, channels, height, height, device=self.device)
         if c.model.init_from:
             self._load_model_weights(c.model.init_from)
+        # The method's callbacks, from their config sections; set up once the optimizer exists.
+        self.callbacks = methods.build_callbacks(c)
         self.train_model: nn.Module = self.model
         if distributed.is_distributed():
-            # NEq's real backward skipping takes fully frozen layers out of the graph for an epoch.
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=c.method == "neq" and c.neq.skip_frozen_grads)
+                find_unused_parameters=any(cb.needs_unused_parameters for cb in self.callbacks))
         self.optimizer = build_optimizer(c, self.model.parameters())
         self.scheduler = build_scheduler(c, self.optimizer)
-
-        from .methods import build_callbacks
-
-        self.callbacks = build_callbacks(self)
+        context = MethodContext(
+            model=self.model, optimizers=[self.optimizer], device=self.device,
+            example_input=self.example_input, validation_loss=self.validation_loss,
+            train_set=self.train_set, seed=c.train.seed)
+        for callback in self.callbacks:
+            callback.setup(context)
 
     def _load_model_weights(self, path: str) -> None:
         from .rundir import load_checkpoint
@@ -293,18 +200,20 @@ class Trainer:
                     f"epoch {epoch}: training loss is {loss.item()} (not finite); stopped, "
                     f"the last good checkpoint {self.run.last_path} is kept")
             for callback in self.callbacks:
-                callback.before_backward(self, logits)
+                callback.before_backward(logits)
             loss.backward()
+            for callback in self.callbacks:
+                callback.after_backward()
             self.optimizer.step()
             for callback in self.callbacks:
-                callback.after_optimizer_step(self)
+                callback.after_optimizer_step()
             totals[0] += loss.item() * y.numel()
             totals[1] += (logits.detach().argmax(1) == y).sum().item()
             totals[2] += y.numel()
         if bar is not None:
             bar.close()
-        # DDP syncs buffers (BN statistics) only at its next forward; evaluation, NEq and the
-        # checkpoint use rank 0's now, as the next epoch will.
+        # DDP syncs buffers (BN statistics) only at its next forward; evaluation, the callbacks
+        # and the checkpoint use rank 0's now, as the next epoch will.
         for buffer in self.model.buffers():
             distributed.broadcast_(buffer)
         distributed.all_reduce_sum(totals)
@@ -320,11 +229,11 @@ class Trainer:
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": _scheduler_state(self.scheduler) if self.scheduler else None,
+            "scheduler": scheduler_state(self.scheduler) if self.scheduler else None,
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "history": self.history,
             "best": self.best,
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -348,13 +257,13 @@ class Trainer:
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
-            _load_scheduler_state(self.scheduler, state["scheduler"])
+            load_scheduler_state(self.scheduler, state["scheduler"])
         for callback in self.callbacks:
             callback.load_state_dict(state["callbacks"].get(callback.name, {}))
         self.history = list(state["history"])
         self.best = dict(state["best"])
         self.epoch = int(state["epoch"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def _resume(self, state: dict[str, Any]) -> None:
         """load_state_dict(), with a checkpoint that does not fit this run as one RunDirError."""
@@ -402,8 +311,9 @@ class Trainer:
                 self.run.write_config(self.config)
                 self.run.write_info(self.config.train.seed)
             for callback in self.callbacks:
-                callback.on_fit_start(self)
-            self._open_tensorboard()
+                callback.on_fit_start()
+            if distributed.is_main_process():
+                self.tensorboard = open_tensorboard(self.run.path / "tensorboard")
             while self.epoch < self.config.train.epochs:
                 self._run_epoch(self.epoch + 1)
             return self.history
@@ -456,7 +366,7 @@ class Trainer:
             "test_loss": test.loss, "test_accuracy": test.accuracy,
         }
         for callback in self.callbacks:
-            callback.on_epoch_end(self, record)
+            callback.on_epoch_end(record)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(val.loss)
         elif self.scheduler is not None:
@@ -482,45 +392,6 @@ class Trainer:
                                     "config": self.config.to_dict()})
         if epoch % self.config.train.checkpoint_every == 0 or epoch == self.config.train.epochs:
             self._save()
-        self._write_tensorboard(record)
-        self.log(_format_record(record))
-
-    def _open_tensorboard(self) -> None:
-        if not distributed.is_main_process():
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is an optional extra
-            return
-        self.tensorboard = SummaryWriter(log_dir=str(self.run.path / "tensorboard"))
-
-    def _write_tensorboard(self, record: dict) -> None:
-        if self.tensorboard is None:
-            return
-        for key, value in _scalars(record):
-            self.tensorboard.add_scalar(key, value, record["epoch"])
-
-
-def _scalars(record: dict, prefix: str = "") -> list[tuple[str, float]]:
-    """The numbers of a record as (tag, value); nested dicts give ``key/subkey`` tags."""
-    scalars = []
-    for key, value in record.items():
-        if isinstance(value, dict):
-            scalars += _scalars(value, f"{prefix}{key}/")
-        elif key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            scalars.append((prefix + key, value))
-    return scalars
-
-
-def _format_record(record: dict) -> str:
-    val = "-" if math.isnan(record["val_loss"]) else f"{record['val_loss']:.4f}"
-    line = (f"epoch {record['epoch']:>4}  train loss {record['train_loss']:.4f}  "
-            f"val loss {val}  test acc {record['test_accuracy']:.2f}%  "
-            f"remaining params {record['remaining_percent_paper']:.2f}%  "
-            f"neurons {record['neurons_alive']}/{record['neurons_total']}  "
-            f"lr {record['lr']:.3g}  {record['epoch_time_s']:.1f}s")
-    if "frozen_percent" in record:
-        line += f"  frozen {record['frozen_percent']:.1f}%"
-    if record.get("pruned"):
-        line += f"  pruned at T={record['threshold']:.3g}"
-    return line
+        if self.tensorboard is not None:
+            write_scalars(self.tensorboard, record)
+        self.log(format_record(record, [m for cb in self.callbacks for m in cb.metrics]))
