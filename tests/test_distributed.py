@@ -210,7 +210,7 @@ def test_killed_worker_restarts_and_finishes_like_an_uninterrupted_run(ddp_runs,
     for key in ("model", "optimizer", "callbacks", "epoch"):
         _assert_identical(_comparable(restarted[key]), _comparable(uninterrupted[key]), key)
     _assert_identical(_comparable(restarted["history"]), _comparable(uninterrupted["history"]))
-    assert not (run_dir / ".lock").exists()
+    assert not (run_dir / ".lock.owner").exists()
 
 
 def test_a_restart_resumes_only_a_run_of_its_own_job(tmp_path, monkeypatch, capsys):
