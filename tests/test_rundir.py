@@ -24,10 +24,11 @@ def test_second_writer_is_refused_and_a_killed_writers_lock_is_free(tmp_path):
     second.acquire()
     second.release()
     # A writer killed while holding the lock: the OS lock dies with it, only its name stays.
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from neuronwise.experiment.rundir import RunDir;"
-         f" run = RunDir({str(tmp_path)!r}); run.acquire(); print('locked', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    script = ("import time; from neuronwise.experiment.rundir import RunDir; "
+              f"run = RunDir({str(tmp_path)!r}); run.acquire(); print('locked', flush=True); "
+              "time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirError, match=f"in use by process {holder.pid}@"):

@@ -14,8 +14,6 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from . import config as config_module
-
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
