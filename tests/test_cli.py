@@ -187,3 +187,25 @@ def test_datasets_command_reports_verified_and_missing_files(tmp_path, capsys, r
     assert run_cli("datasets", "--data-root", tmp_path) == 0
     empty = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mnist ")]
     assert len(empty) == 4 and all(" missing " in line for line in empty)
+
+
+def test_a_missing_optional_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, "--set", "train.epochs=1") == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as on a core install
+    assert run_cli("simplify", run, "--export", tmp_path / "model.onnx") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("neuronwise: error: --export (ONNX) needs the optional package 'onnxscript': "
+                   'pip install "neuronwise[onnx]"')
+    assert not (tmp_path / "model.onnx").exists()
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "lightning"] + ["lightning"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "neuronwise.integrations.lightning", raising=False)
+    with pytest.raises(ModuleNotFoundError) as caught:
+        importlib.import_module("neuronwise.integrations.lightning")
+    assert str(caught.value) == ("neuronwise.integrations.lightning needs the optional package "
+                                 "'lightning': pip install \"neuronwise[lightning]\"")

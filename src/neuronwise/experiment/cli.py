@@ -231,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"neuronwise: error: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except ModuleNotFoundError as error:  # an optional extra that is not installed
+        from neuronwise.extras import MissingExtraError, missing_extra
+
+        if not isinstance(error, MissingExtraError):
+            error = missing_extra(error, f"neuronwise {args.command}")
+        if not isinstance(error, MissingExtraError) or os.environ.get("NEURONWISE_DEBUG"):
+            raise
+        print(f"neuronwise: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, TypeError, OSError) as error:
         if os.environ.get("NEURONWISE_DEBUG"):
             raise

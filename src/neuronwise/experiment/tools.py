@@ -72,9 +72,12 @@ def explain_run(run_dir: str | Path, checkpoint: str = "last") -> str:
 def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str = "last",
                  repeats: int = 50) -> str:
     """Simplify a run's model; save it (``simplified.pt``), measure it, optionally export ONNX."""
+    from neuronwise.extras import require
     from neuronwise.latency import measure_latency
     from neuronwise.simplify import export_onnx, save_simplified, simplify
 
+    if export:  # before the work, not after it
+        require(("onnx", "onnxscript"), "--export (ONNX)")
     _, model, example = load_run_model(run_dir, checkpoint)
     small = simplify(model, example)
     run = RunDir(run_dir)

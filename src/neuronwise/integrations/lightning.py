@@ -24,17 +24,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from neuronwise import distributed, models
+from neuronwise.extras import missing_extra
 from neuronwise.lobster import Lobster
 from neuronwise.neq import NEq
 from neuronwise.pruning import PRUNABLE_MODULES, PruneOnPlateau
 from neuronwise.serene import SeReNe
+
+try:
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+except ModuleNotFoundError as error:
+    raise missing_extra(error, "neuronwise.integrations.lightning") from None
 
 __all__ = ["LobsterCallback", "NEqCallback", "PruneOnPlateauCallback", "SeReNeCallback"]
 
