@@ -209,3 +209,36 @@ def test_a_missing_optional_extra_is_one_line_naming_it(tmp_path, capsys, monkey
         importlib.import_module("neuronwise.integrations.lightning")
     assert str(caught.value) == ("neuronwise.integrations.lightning needs the optional package "
                                  "'lightning': pip install \"neuronwise[lightning]\"")
+
+
+def test_a_run_without_validation_claims_no_best_epoch(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, "--set", "train.epochs=2",
+                   "--set", "data.val_fraction=0", "--set", "pruning.schedule=none") == 0
+    assert not (run / "best.pt").exists()
+    assert run_cli("report", run) == 0
+    report = (run / "report.md").read_text()
+    assert "best validation" not in report and "best-validation" not in report
+    assert "no validation split" in report
+    capsys.readouterr()
+    assert run_cli("simplify", run, "--checkpoint", "best") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"neuronwise: error: {run}: no best.pt: the run has no validation split "
+                   "(data.val_fraction is 0); use --checkpoint last")
+
+
+def test_analyses_of_the_same_model_accumulate_and_stale_plots_go(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, "--set", "train.epochs=1") == 0
+    folder = run / "analysis"
+    assert run_cli("analyze", run, "--sharpness", "--draws", "1", "--limit", "100") == 0
+    sharpness = json.loads((folder / "analysis.json").read_text())["sharpness"]
+    assert run_cli("analyze", run, "--entropy", "--limit", "100") == 0
+    merged = json.loads((folder / "analysis.json").read_text())
+    assert merged["sharpness"] == sharpness and "psp_entropy_bits" in merged
+    assert (folder / "landscape.png").is_file() and (folder / "entropy_hist.png").is_file()
+    # Other data (the first 50 samples): the sharpness of the 100 is not this analysis's.
+    assert run_cli("analyze", run, "--entropy", "--limit", "50") == 0
+    replaced = json.loads((folder / "analysis.json").read_text())
+    assert replaced["samples"] == 50 and "sharpness" not in replaced
+    assert not (folder / "landscape.png").exists() and (folder / "entropy_hist.png").is_file()

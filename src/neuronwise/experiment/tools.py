@@ -28,6 +28,9 @@ def load_run_model(
         raise RunDirError(f"{run.path}: run directory not found")
     config = run.read_config()
     path = run.best_path if checkpoint == "best" else run.last_path
+    if checkpoint == "best" and not path.exists() and config.data.val_fraction == 0:
+        raise RunDirError(f"{run.path}: no best.pt: the run has no validation split "
+                          "(data.val_fraction is 0); use --checkpoint last")
     state = load_checkpoint(path)
     spec = state.get("model_spec") or _registry_spec(config)
     model = nw.models.create(config.model.name, **spec, **config.model.kwargs)
