@@ -13,14 +13,14 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_loop_block() -> str:
     section = README.read_text(encoding="utf-8").split("## In your own training loop", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_readme_training_loop_runs_as_written_and_prunes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        exec(compile(readme_loop_block(), str(README), "exec"), {"__name__": "__main__"})
+        exec(compile(readme_loop_block(), str(README), "exec"), {"__name__": "__main__"})  # noqa: S102
     counts = {name: int(n.replace(",", "")) for name, n in re.findall(
-        r"^(parameters|non-zero parameters) +([\d,]+) +paper", output.getvalue(), re.M)}
+        r"^(parameters|non-zero parameters) +([\d,]+) +paper", output.getvalue(), re.MULTILINE)}
     assert 0 < counts["non-zero parameters"] < counts["parameters"]
