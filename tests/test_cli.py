@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -172,11 +173,17 @@ def test_serene_run_then_simplify_and_export(tmp_path, capsys):
     assert sum(n["alive"] for n in per_layer.values()) == summary["dense"]["neurons_alive"]
     assert sum(n["total"] for n in per_layer.values()) == summary["dense"]["neurons_total"]
     assert "alive neurons per layer" in out
+    saved = run / "simplified.pt2"
+    assert f"load it with torch.export.load({str(saved)!r}).module()" in out
     from neuronwise.simplify import load_simplified
 
-    small = load_simplified(run / "simplified.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "the name should end in .pt2"
+        small = load_simplified(saved)
+        exported = torch.export.load(saved).module()
     x = torch.randn(4, 1, 8, 8)
     assert small(x).shape == (4, 10)
+    assert torch.equal(small(x), exported(x))
 
 
 def test_datasets_command_reports_verified_and_missing_files(tmp_path, capsys, real_data_root):

@@ -42,7 +42,7 @@ def _restore_threads():
 # code (-9 when killed). The zygote itself runs no torch operation, so no thread pool is forked.
 ZYGOTE = r"""
 import json, os, sys
-import sklearn.datasets, torch._dynamo  # imported lazily by every run: pay for them once
+import torch._dynamo  # imported lazily by every run: pay for it once
 from neuronwise.experiment import cli, methods, trainer
 for line in sys.stdin:
     argv, log = json.loads(line)

@@ -74,7 +74,8 @@ def explain_run(run_dir: str | Path, checkpoint: str = "last") -> str:
 
 def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str = "last",
                  repeats: int = 50) -> str:
-    """Simplify a run's model; save it (``simplified.pt``), measure it, optionally export ONNX."""
+    """Simplify a run's model; save it (``simplified.pt2``, a ``torch.export`` archive), measure
+    it, optionally export ONNX."""
     from neuronwise.extras import require
     from neuronwise.latency import measure_latency
     from neuronwise.simplify import export_onnx, save_simplified, simplify
@@ -84,7 +85,8 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
     _, model, example = load_run_model(run_dir, checkpoint)
     small = simplify(model, example)
     run = RunDir(run_dir)
-    save_simplified(small, run.path / "simplified.pt")
+    saved = run.path / "simplified.pt2"
+    save_simplified(small, saved)
     summary = {"dense": nw.metrics.summary(model, example),
                "simplified": nw.metrics.summary(small, example)}
     with torch.no_grad():
@@ -111,7 +113,8 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
         summary["onnx"] = str(export)
     atomic_write_text(run.path / "simplify.json", json.dumps(summary, indent=2) + "\n")
     d, s = summary["dense"], summary["simplified"]
-    lines = [f"simplified model saved: {run.path / 'simplified.pt'}"]
+    lines = [f"simplified model saved: {saved}",
+             f"  load it with torch.export.load({str(saved)!r}).module() (no neuronwise needed)"]
     for key in sorted(d):
         lines.append(f"  {key:<28} {d[key]:>14,} -> {s[key]:>14,}")
     for layout in layouts:
