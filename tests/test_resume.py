@@ -66,8 +66,8 @@ def test_a_resume_continues_the_recorded_run_and_only_set_values_change_it(tmp_p
     code, _, err = cli(capsys, "run", "--run-dir", run, "--resume", "--set", "optim.lr=0.5")
     assert code == 2
     assert ("--set optim.lr=0.5: a resumed run keeps its recorded optim.lr (0.1); only "
-            "train.epochs, train.threads, train.checkpoint_every, train.channels_last, data.root "
-            "may change") in one_line(err)
+            "train.epochs, train.threads, train.checkpoint_every, train.channels_last, data.root, "
+            "model.init_from may change") in one_line(err)
     code, _, err = cli(capsys, "run", quickstart_config_path(), "--run-dir", run, "--resume")
     assert code == 2
     assert "describes another run than" in one_line(err) and "differs in data.batch_size" in err
@@ -142,3 +142,29 @@ def test_run_info_keeps_every_command_of_a_resumed_run(tmp_path, capsys, monkeyp
         "neuronwise " + " ".join(argv) for argv in commands[:2]]
     assert info["command"] == info["commands"][0]["command"]
     assert all(c["started"] and "torch" in c for c in info["commands"])
+
+
+def test_a_moved_study_resumes_its_stages(tmp_path):
+    """A stage starts from the study's dense checkpoint by absolute path; moved elsewhere, the
+    study still resumes (model.init_from is read only when a run starts)."""
+    import shutil
+
+    from neuronwise.experiment.study import run_study, study_from_dict
+
+    study = study_from_dict({
+        "name": "tiny", "dense_epochs": 1, "budget_epochs": 2, "iterative_rounds": 1,
+        "base": {"data": {"name": "digits", "batch_size": 128, "limit_test": 100},
+                 "model": {"name": "mlp", "kwargs": {"hidden": [16]}},
+                 "train": {"seed": 0, "threads": 1}},
+        "stages": {"gradual": {"pruning": {"patience": 0}}},
+        "analysis": {"draws": 1, "landscape_points": 2, "limit": 100},
+        "transfer": {"dataset": "digits", "epochs": 1},
+    })
+    first, moved = tmp_path / "first" / "tiny", tmp_path / "moved" / "tiny"
+    lines: list[str] = []
+    run_study(study, first, log=lines.append)
+    shutil.move(first, moved)
+    lines.clear()
+    run_study(study, moved, log=lines.append)
+    assert not any("] epoch " in line for line in lines)  # nothing trained again
+    assert "[gradual] finished (2 epochs): skipped" in lines
