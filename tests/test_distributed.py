@@ -57,10 +57,14 @@ def _free_port() -> int:
 
 
 def _launch(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NEURONWISE_DIST_TIMEOUT_MIN": "1", "PYTHONUNBUFFERED": "1"}
+    # PYTHONFAULTHANDLER: a worker that aborts (a rank 0 SIGABRT "terminate called without an
+    # active exception" was seen once under load, not reproduced since) prints every thread's
+    # Python stack, so the failure message says where it was.
+    env = {**os.environ, "NEURONWISE_DIST_TIMEOUT_MIN": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONFAULTHANDLER": "1"}
     result = subprocess.run([*TORCHRUN, *map(str, args)], capture_output=True, text=True,
                             check=False, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
     return result
 
 
