@@ -8,10 +8,14 @@ best.pt and metrics.jsonl (without ``*time_s``) equal the uninterrupted run's.
 
 A kill lands once the process has finished its set-up (imports, data, model; killed there, a run
 just starts over), after a delay drawn uniformly over the time its remaining epochs are expected to
-take: anywhere in training, evaluation, pruning or checkpoint writing.
+take: anywhere in training, evaluation, pruning or checkpoint writing. With ``--early`` it lands
+anywhere from 0.5 s after the process started, set-up included (before the run directory exists,
+while it is being created, before the first checkpoint). Every start passes ``--resume``, as a
+requeue script would: the first one finds nothing to resume and starts the run.
 
     python benchmarks/crash_resume.py                  # quickstart (digits), LOBSTER + pruning
     python benchmarks/crash_resume.py -n 10 --kills 4
+    python benchmarks/crash_resume.py -n 5 --kills 4 --early     # kills from 0.5 s on
     python benchmarks/crash_resume.py --config configs/lobster/lenet300_mnist.yaml \\
         --set train.epochs=4 --set pruning.patience=1 --data-root ../shared/data
 """
@@ -85,26 +89,25 @@ def training_started(run: Path, since: float) -> bool:
     return False
 
 
-def start(args: argparse.Namespace, run: Path, log) -> subprocess.Popen:
-    """Start the run (resuming when it has a config) and return once its training has begun."""
+def start(args: argparse.Namespace, run: Path, log, wait: bool = True) -> subprocess.Popen:
+    """Start the run with ``--resume``; with ``wait``, return once its training has begun."""
     since = time.time()
-    process = subprocess.Popen(command(args, run, (run / "config.yaml").exists()), stdout=log,
-                               stderr=log)
-    while not training_started(run, since) and process.poll() is None:
+    process = subprocess.Popen(command(args, run), stdout=log, stderr=log)
+    while wait and not training_started(run, since) and process.poll() is None:
         time.sleep(0.005)
     return process
 
 
-def command(args: argparse.Namespace, run: Path, resume: bool) -> list[str]:
+def command(args: argparse.Namespace, run: Path) -> list[str]:
     argv = [sys.executable, "-m", "neuronwise", "run", args.config, "--run-dir", str(run)]
     for setting in args.set:
         argv += ["--set", setting]
     if args.data_root:
         argv += ["--data-root", args.data_root]
-    return argv + (["--resume"] if resume else [])
+    return argv + ["--resume"]
 
 
-def trial(args: argparse.Namespace, run: Path, epochs: int, epoch_time: float,
+def trial(args: argparse.Namespace, run: Path, epochs: int, epoch_time: float, setup: float,
           rng: random.Random, log) -> list[str]:
     """Kill and resume ``args.kills`` times, then finish; returns where each kill landed."""
     landed = []
@@ -112,14 +115,20 @@ def trial(args: argparse.Namespace, run: Path, epochs: int, epoch_time: float,
         done = metrics_lines(run)
         if done == epochs:
             break
-        process = start(args, run, log)
-        delay = rng.uniform(0, (epochs - done) * epoch_time)
+        process = start(args, run, log, wait=not args.early)
+        if args.early:  # from 0.5 s after the start, set-up included
+            delay = rng.uniform(0.5, setup + (epochs - done) * epoch_time)
+            where = (f"{delay:.2f} s (set-up)" if delay < setup else
+                     f"{delay:.2f} s (epoch ≈{done + (delay - setup) / epoch_time:.2f})")
+        else:
+            delay = rng.uniform(0, (epochs - done) * epoch_time)
+            where = f"epoch ≈{done + delay / epoch_time:.2f}"
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
-            landed.append(f"epoch ≈{done + delay / epoch_time:.2f}")
+            landed.append(where)
             continue
         if process.returncode != 0:
             raise SystemExit(f"run failed (exit {process.returncode}); see {log.name}")
@@ -137,6 +146,8 @@ def main() -> None:
     parser.add_argument("-n", "--trials", type=int, default=5)
     parser.add_argument("--kills", type=int, default=3, help="kills per trial")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    parser.add_argument("--early", action="store_true",
+                        help="kill from 0.5 s after the start on, set-up included")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     args = parser.parse_args()
     args.set = args.set if args.set is not None else DEFAULT_SETTINGS
@@ -144,8 +155,10 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="crash_resume-"))
     log = open(folder / "log.txt", "w")  # noqa: SIM115 - the children write to it throughout
     reference = folder / "uninterrupted"
+    launched = time.time()
     process = start(args, reference, log)
     started = time.time()
+    setup = started - launched  # imports, data, model: until training begins
     if process.wait() != 0:
         raise SystemExit(f"the uninterrupted run failed; see {log.name}")
     expected = outcome(reference)
@@ -153,13 +166,13 @@ def main() -> None:
     # Per epoch, everything included (training, evaluation, pruning, checkpoint writing): from
     # the end of set-up to the last metrics line.
     epoch_time = ((reference / "metrics.jsonl").stat().st_mtime - started) / epochs
-    print(f"uninterrupted: {epochs} epochs, {epoch_time:.3f} s/epoch")
+    print(f"uninterrupted: {setup:.2f} s set-up, {epochs} epochs, {epoch_time:.3f} s/epoch")
 
     rng = random.Random(args.seed)
     identical = 0
     for number in range(1, args.trials + 1):
         run = folder / f"trial{number}"
-        landed = trial(args, run, epochs, epoch_time, rng, log)
+        landed = trial(args, run, epochs, epoch_time, setup, rng, log)
         got = outcome(run)
         wrong = [d for key in expected for d in differences(expected[key], got[key], key)]
         identical += not wrong
@@ -170,6 +183,7 @@ def main() -> None:
     print(f"{identical} of {args.trials} identical")
     rerun = " ".join(["python", "benchmarks/crash_resume.py", "-n", str(args.trials), "--kills",
                       str(args.kills), "--seed", str(args.seed), "--config", args.config]
+                     + (["--early"] if args.early else [])
                      + [f"--set {s}" for s in args.set]
                      + ([f"--data-root {args.data_root}"] if args.data_root else []))
     print(f"rerun: {rerun}")

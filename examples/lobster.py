@@ -1,6 +1,6 @@
 """LOBSTER in a plain PyTorch loop: sensitivity decay + pruning on validation plateaus.
 
-python examples/lobster.py --data-root DIR [--epochs 20] [--max-batches 5] [--dataset digits]
+python examples/lobster.py [--dataset mnist --data-root DIR] [--epochs 20] [--max-batches 5]
 """
 
 import argparse
@@ -13,16 +13,17 @@ from neuronwise import data
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", help="folder holding MNIST/raw/*.gz (default: $NEURONWISE_DATA)")
-parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "digits"])
+parser.add_argument("--dataset", default="digits", choices=["mnist", "fashion-mnist", "digits"])
 parser.add_argument("--epochs", type=int, default=20)
 parser.add_argument("--max-batches", type=int, help="stop each epoch after this many batches")
-parser.add_argument("--patience", type=int, default=20, help="epochs of plateau before pruning")
+parser.add_argument("--patience", type=int, default=3, help="epochs of plateau before pruning")
+parser.add_argument("--lam", type=float, default=1e-3, help="LOBSTER's decay strength")
 args = parser.parse_args()
 
 torch.manual_seed(0)
 full = data.load(args.dataset, "train", root=args.data_root)
 train, val = data.train_val_split(full, val_fraction=0.1, seed=0)
-train_loader = data.TensorLoader(train, batch_size=100, shuffle=True, seed=0)
+train_loader = data.TensorLoader(train, batch_size=32, shuffle=True, seed=0)
 val_loader = data.TensorLoader(val, batch_size=1000)
 model = nw.models.create("lenet300", image_size=full.images.shape[-1])
 
@@ -35,8 +36,8 @@ def val_loss() -> float:
     return total / len(val)
 
 
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-regularizer = nw.Lobster(model, lam=1e-4)  # p <- p - lam * p * relu(1 - |dL/dp|)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+regularizer = nw.Lobster(model, lam=args.lam)  # p <- p - lam * p * relu(1 - |dL/dp|)
 pruner = nw.PruneOnPlateau(model, evaluate=val_loss, patience=args.patience, tolerance=0.05,
                            mask=regularizer.mask)  # one mask: pruned weights stay at zero
 for epoch in range(args.epochs):

@@ -1,6 +1,6 @@
 """NEq in a plain PyTorch loop: neurons at equilibrium are not updated in the next epoch.
 
-python examples/neq.py --data-root DIR [--epochs 20] [--max-batches 5] [--dataset digits]
+python examples/neq.py [--dataset mnist --data-root DIR] [--epochs 20] [--max-batches 5]
 """
 
 import argparse
@@ -13,7 +13,7 @@ from neuronwise import data
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", help="folder holding MNIST/raw/*.gz (default: $NEURONWISE_DATA)")
-parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "digits"])
+parser.add_argument("--dataset", default="digits", choices=["mnist", "fashion-mnist", "digits"])
 parser.add_argument("--epochs", type=int, default=20)
 parser.add_argument("--max-batches", type=int, help="stop each epoch after this many batches")
 parser.add_argument("--eps", type=float, default=1e-3, help="velocity threshold for freezing")
@@ -22,7 +22,7 @@ args = parser.parse_args()
 torch.manual_seed(0)
 full = data.load(args.dataset, "train", root=args.data_root)
 train, val = data.train_val_split(full, val_fraction=0.1, seed=0)
-train_loader = data.TensorLoader(train, batch_size=100, shuffle=True, seed=0)
+train_loader = data.TensorLoader(train, batch_size=32, shuffle=True, seed=0)
 model = nw.models.create("lenet300", image_size=full.images.shape[-1])
 example = full.images[:1]
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "already holds a run" in err and "--resume" in err
     assert run_cli("quickstart", "--run-dir", run, "--resume", *QUICK, "--set", "optim.lr=0.5") == 2
-    assert "belongs to another config (differs in optim.lr)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--set optim.lr=0.5: a resumed run keeps its recorded optim.lr (0.1)" in err
     assert files_snapshot(run) == before
     # How this machine computes is not part of the run: threads and checkpoint spacing may change.
     assert run_cli("quickstart", "--run-dir", run, "--resume", *QUICK, "--set", "train.threads=1",
@@ -171,11 +173,17 @@ def test_serene_run_then_simplify_and_export(tmp_path, capsys):
     assert sum(n["alive"] for n in per_layer.values()) == summary["dense"]["neurons_alive"]
     assert sum(n["total"] for n in per_layer.values()) == summary["dense"]["neurons_total"]
     assert "alive neurons per layer" in out
+    saved = run / "simplified.pt2"
+    assert f"load it with torch.export.load({str(saved)!r}).module()" in out
     from neuronwise.simplify import load_simplified
 
-    small = load_simplified(run / "simplified.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "the name should end in .pt2"
+        small = load_simplified(saved)
+        exported = torch.export.load(saved).module()
     x = torch.randn(4, 1, 8, 8)
     assert small(x).shape == (4, 10)
+    assert torch.equal(small(x), exported(x))
 
 
 def test_datasets_command_reports_verified_and_missing_files(tmp_path, capsys, real_data_root):
@@ -186,3 +194,58 @@ def test_datasets_command_reports_verified_and_missing_files(tmp_path, capsys, r
     assert run_cli("datasets", "--data-root", tmp_path) == 0
     empty = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mnist ")]
     assert len(empty) == 4 and all(" missing " in line for line in empty)
+
+
+def test_a_missing_optional_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, "--set", "train.epochs=1") == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as on a core install
+    assert run_cli("simplify", run, "--export", tmp_path / "model.onnx") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("neuronwise: error: --export (ONNX) needs the optional package 'onnxscript': "
+                   'pip install "neuronwise[onnx]"')
+    assert not (tmp_path / "model.onnx").exists()
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "lightning"] + ["lightning"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "neuronwise.integrations.lightning", raising=False)
+    with pytest.raises(ModuleNotFoundError) as caught:
+        importlib.import_module("neuronwise.integrations.lightning")
+    assert str(caught.value) == ("neuronwise.integrations.lightning needs the optional package "
+                                 "'lightning': pip install \"neuronwise[lightning]\"")
+
+
+def test_a_run_without_validation_claims_no_best_epoch(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, "--set", "train.epochs=2",
+                   "--set", "data.val_fraction=0", "--set", "pruning.schedule=none") == 0
+    assert not (run / "best.pt").exists()
+    assert run_cli("report", run) == 0
+    report = (run / "report.md").read_text()
+    assert "best validation" not in report and "best-validation" not in report
+    assert "no validation split" in report
+    capsys.readouterr()
+    assert run_cli("simplify", run, "--checkpoint", "best") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"neuronwise: error: {run}: no best.pt: the run has no validation split "
+                   "(data.val_fraction is 0); use --checkpoint last")
+
+
+def test_analyses_of_the_same_model_accumulate_and_stale_plots_go(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("quickstart", "--run-dir", run, "--set", "train.epochs=1") == 0
+    folder = run / "analysis"
+    assert run_cli("analyze", run, "--sharpness", "--draws", "1", "--limit", "100") == 0
+    sharpness = json.loads((folder / "analysis.json").read_text())["sharpness"]
+    assert run_cli("analyze", run, "--entropy", "--limit", "100") == 0
+    merged = json.loads((folder / "analysis.json").read_text())
+    assert merged["sharpness"] == sharpness and "psp_entropy_bits" in merged
+    assert (folder / "landscape.png").is_file() and (folder / "entropy_hist.png").is_file()
+    # Other data (the first 50 samples): the sharpness of the 100 is not this analysis's.
+    assert run_cli("analyze", run, "--entropy", "--limit", "50") == 0
+    replaced = json.loads((folder / "analysis.json").read_text())
+    assert replaced["samples"] == 50 and "sharpness" not in replaced
+    assert not (folder / "landscape.png").exists() and (folder / "entropy_hist.png").is_file()

@@ -245,8 +245,23 @@ def test_cifar_structure_is_verified_without_checksums(monkeypatch, tmp_path):
     assert rows["train"].verified and rows["meta"].verified
 
 
+def test_embedded_digits_match_their_checksum_and_a_damaged_file_is_refused(monkeypatch):
+    import hashlib
+
+    from neuronwise.data import digits
+
+    images, labels = digits.raw_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 16
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest() == digits.SHA256
+    monkeypatch.setattr(digits, "SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="digits.npz: damaged"):
+        digits.raw_digits()
+    assert not verify("digits")[0].verified
+
+
 def test_digits_fixed_split():
-    from sklearn.datasets import load_digits
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits  # the embedded file's source
 
     train, test = load("digits", "train"), load("digits", "test")
     assert (len(train), len(test)) == (1437, 360)

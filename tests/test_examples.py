@@ -72,3 +72,22 @@ def test_psp_entropy_example_prints_bits_per_layer(data_args, monkeypatch, capsy
     for line in lines:
         mean = float(re.search(r"mean H ([\d.]+) bits", line).group(1))
         assert 10 * 0.00147 <= mean <= 10.0  # C classes: between C·h(1e-4) and C bits
+
+
+def _effect(name: str, lines: list[str]) -> bool:
+    """Whether an example's last epoch shows its method at work."""
+    if name == "lobster.py":
+        return float(re.search(r"remaining ([\d.]+)%", lines[-1]).group(1)) < 100.0
+    if name == "serene.py":
+        alive, total = map(int, re.search(r"(\d+)/(\d+) neurons alive", lines[-2]).groups())
+        return alive < total
+    frozen = float(re.search(r"freezes ([\d.]+)%", lines[-1]).group(1))
+    return 0.0 < frozen < 100.0
+
+
+@pytest.mark.parametrize("name", ["lobster.py", "serene.py", "neq.py"])
+def test_every_method_example_shows_its_effect_with_its_defaults(name, monkeypatch, capsys):
+    """With no arguments (the embedded digits, 20 epochs: seconds of CPU): LOBSTER prunes,
+    SeReNe kills neurons, NEq freezes some neurons but not all."""
+    lines = _run(name, [], monkeypatch, capsys)
+    assert _effect(name, lines), lines[-2:]

@@ -118,7 +118,7 @@ def test_a_method_registered_here_runs_resumes_and_reports(tmp_path, taylor, cap
     assert main(["run", str(config), "--run-dir", str(straight)]) == 0
     assert "taylor 25.0%" in capsys.readouterr().out  # the declared console format
     assert main(["run", str(config), "--run-dir", str(resumed), "--set", "train.epochs=2"]) == 0
-    assert main(["run", str(config), "--run-dir", str(resumed), "--resume"]) == 0
+    assert main(["run", "--run-dir", str(resumed), "--resume", "--set", "train.epochs=3"]) == 0
     assert _records(resumed) == _records(straight)  # resumed exactly, importance included
 
     # Independent expectation: each epoch removes int(0.25·survivors) of the Linear weights.

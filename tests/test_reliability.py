@@ -42,7 +42,7 @@ def _restore_threads():
 # code (-9 when killed). The zygote itself runs no torch operation, so no thread pool is forked.
 ZYGOTE = r"""
 import json, os, sys
-import sklearn.datasets, torch._dynamo  # imported lazily by every run: pay for them once
+import torch._dynamo  # imported lazily by every run: pay for it once
 from neuronwise.experiment import cli, methods, trainer
 for line in sys.stdin:
     argv, log = json.loads(line)
@@ -142,9 +142,17 @@ def metrics_lines(run: Path) -> int:
 
 def lock_owner(run: Path) -> str:
     try:
-        return (run / ".lock").read_text().partition("@")[0]
+        return (run / ".lock.owner").read_text().partition("@")[0]
     except FileNotFoundError:
         return ""
+
+
+def unlocked(run: Path) -> bool:
+    """No process holds the run's lock (and none is named as its owner)."""
+    other = RunDir(run)
+    other.acquire()
+    other.release()
+    return not (run / ".lock.owner").exists()
 
 
 def alive(pid: int) -> bool:
@@ -195,8 +203,8 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(zygote, tmp_path,
         # never in the last epoch, so the kill lands before the run could finish.
         target = rng.randint(done + 1, min(done + 2, epochs - 2))
         delay = rng.random() * epoch_time
-        resume = ["--resume"] if (broken / "config.yaml").exists() else []
-        pid = zygote.start(["quickstart", "--run-dir", str(broken), *flags, *resume], log)
+        # Always --resume, as a requeue script does: the first start finds nothing to resume.
+        pid = zygote.start(["quickstart", "--run-dir", str(broken), *flags, "--resume"], log)
         wait_for(lambda epoch=target: metrics_lines(broken) >= epoch, pid, f"epoch {target}")
         time.sleep(delay)
         with contextlib.suppress(ProcessLookupError):  # it may have finished already
@@ -205,7 +213,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(zygote, tmp_path,
         assert code in (-signal.SIGKILL, 0), log.read_text()[-3000:]
         if code == 0:  # finished before the kill landed
             break
-        # The killed writer's lock stays behind; the next process must take it over.
+        # The killed writer's owner record stays behind (its OS lock died with it).
         assert lock_owner(broken) == str(pid)
         landed.append((done, target, round(delay, 3)))
     assert landed, "no kill landed"
@@ -218,7 +226,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(zygote, tmp_path,
     best_broken = torch.load(broken / "best.pt", weights_only=True)
     assert_identical(best_whole["model"], best_broken["model"], "best.pt")
     assert best_whole["epoch"] == best_broken["epoch"]
-    assert not (broken / ".lock").exists()
+    assert unlocked(broken)
     assert not list(broken.glob(".*.tmp")), "temporary files of killed writers must be removed"
 
 
@@ -273,7 +281,7 @@ def test_non_finite_weights_stop_the_run_and_keep_the_checkpoints(tmp_path, caps
     err = capsys.readouterr().err
     assert "epoch 3: model weights are not finite (features.2.weight)" in err
     assert snapshot(run) == before
-    assert not (run / ".lock").exists()
+    assert unlocked(run)
 
 
 def fail_writes_of(monkeypatch, name: str) -> None:
@@ -334,7 +342,7 @@ def test_full_disk_in_a_run_is_one_line_and_the_run_resumes_exactly(
         err = one_line_error(capsys)
     assert "last.pt: not written (No space left on device)" in err
     assert {n: (run / n).read_bytes() for n in checkpoints} == checkpoints
-    assert not list(run.glob(".*.tmp")) and not (run / ".lock").exists()
+    assert not list(run.glob(".*.tmp")) and unlocked(run)
     assert resume_to_three(run) == 0  # space is back
     assert_identical(final_state(three_epochs), final_state(run))
 
@@ -395,7 +403,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     assert run_cli("quickstart", "--run-dir", run, *QUICK, "--set", "train.epochs=3") == 0
     for name in ("last.pt", "previous.pt", "best.pt", "metrics.jsonl"):
         (run / name).unlink(missing_ok=True)
-    (run / ".lock").write_text(f"999999999@{socket.gethostname()}")  # above any pid_max
+    (run / ".lock.owner").write_text(f"999999999@{socket.gethostname()}")  # above any pid_max
     (run / ".last.pt.abc.tmp").write_bytes(b"half a checkpoint")
     assert resume_to_three(run) == 0
     assert_identical(final_state(three_epochs), final_state(run))

@@ -12,22 +12,63 @@ from neuronwise.experiment.config import from_dict
 from neuronwise.experiment.rundir import RunDir, RunDirError, load_checkpoint
 
 
-def test_second_writer_is_refused_and_stale_lock_replaced(tmp_path):
-    first, second = RunDir(tmp_path), RunDir(tmp_path)
-    first.acquire()
-    with pytest.raises(RunDirError, match="in use by process"):
-        second.acquire()
-    first.release()
-    # A lock left by a process that no longer exists (this host) is stale.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+def test_second_writer_is_refused_and_a_killed_writers_lock_is_free(tmp_path):
     import socket
 
-    (tmp_path / ".lock").write_text(f"{dead}@{socket.gethostname()}")
+    first, second = RunDir(tmp_path), RunDir(tmp_path)
+    first.acquire()
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    with pytest.raises(RunDirError, match=f"in use by process {owner}"):
+        second.acquire()
+    first.release()
     second.acquire()
-    assert (tmp_path / ".lock").read_text().startswith(str(os.getpid()))
     second.release()
-    assert not (tmp_path / ".lock").exists()
+    # A writer killed while holding the lock: the OS lock dies with it, only its name stays.
+    script = ("import time; from neuronwise.experiment.rundir import RunDir; "
+              f"run = RunDir({str(tmp_path)!r}); run.acquire(); print('locked', flush=True); "
+              "time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=f"in use by process {holder.pid}@"):
+            RunDir(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".lock.owner").read_text().startswith(f"{holder.pid}@")
+    second.acquire()
+    assert (tmp_path / ".lock.owner").read_text() == owner
+    second.release()
+    assert not (tmp_path / ".lock.owner").exists()
+
+
+def test_of_processes_racing_for_a_dead_writers_lock_exactly_one_wins(tmp_path):
+    (tmp_path / ".lock.owner").write_text("999999999@elsewhere")  # a writer that died
+    racer = ("import sys, time; from neuronwise.experiment.rundir import RunDir, RunDirError\n"
+             "run = RunDir(sys.argv[1])\n"
+             "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+             "try:\n    run.acquire()\nexcept RunDirError:\n    print('refused'); sys.exit()\n"
+             "print('won', flush=True); time.sleep(2); run.release()\n")
+    import time
+
+    start = str(time.time() + 3)  # all racers try at the same moment
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    racers = [subprocess.Popen([sys.executable, "-c", racer, str(tmp_path), start], env=env,
+                               stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = sorted(r.communicate(timeout=120)[0].strip() for r in racers)
+    assert outcomes == ["refused", "refused", "won"]
+
+
+def test_a_run_directory_that_the_writer_created_and_left_empty_is_removed(tmp_path):
+    run = RunDir(tmp_path / "new")
+    run.acquire()
+    run.release()
+    assert not (tmp_path / "new").exists()
+    existing = RunDir(tmp_path)  # a directory that was there before stays
+    existing.acquire()
+    existing.release()
+    assert tmp_path.is_dir()
 
 
 def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path):
@@ -67,41 +108,13 @@ def test_same_run_allows_more_epochs_only(tmp_path):
 
 
 
-def test_a_stale_lock_taken_over_meanwhile_is_not_stolen(tmp_path, monkeypatch):
-    # The interleaving that lets two writers in when a stale lock is unlinked after being judged:
-    # while `late` judges the stale owner, `early` replaces the stale lock with its own.
-    import socket
-
-    from neuronwise.experiment import rundir
-
-    (tmp_path / ".lock").write_text(f"999999999@{socket.gethostname()}")  # above any pid_max
-    early, late = RunDir(tmp_path), RunDir(tmp_path)
-    real_alive = rundir._process_alive
-    calls = []
-
-    def alive_while_early_acquires(pid):
-        calls.append(pid)
-        if len(calls) == 1:
-            early.acquire()
-        return real_alive(pid)
-
-    monkeypatch.setattr(rundir, "_process_alive", alive_while_early_acquires)
-    with pytest.raises(RunDirError, match="in use by process"):
-        late.acquire()
-    assert early._locked and not late._locked
-    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}@{socket.gethostname()}"
-    assert not list(tmp_path.glob(".lock.*"))
-    early.release()
-
-
 def test_a_live_lock_is_left_in_place(tmp_path):
     first = RunDir(tmp_path)
     first.acquire()
-    owner = (tmp_path / ".lock").read_text()
+    owner = (tmp_path / ".lock.owner").read_text()
     with pytest.raises(RunDirError, match="in use by process"):
         RunDir(tmp_path).acquire()
-    assert (tmp_path / ".lock").read_text() == owner
-    assert not list(tmp_path.glob(".lock.*"))
+    assert (tmp_path / ".lock.owner").read_text() == owner
     first.release()
 
 

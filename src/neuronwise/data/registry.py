@@ -233,7 +233,13 @@ def verify(dataset: str | DatasetInfo, root: str | os.PathLike | None = None) ->
     info = get_info(dataset)
     name = info.name
     if info.format == "digits":
-        return [FileStatus(name, "sklearn.datasets.load_digits", True, True, "embedded")]
+        from .digits import raw_digits
+
+        try:
+            raw_digits()
+        except ValueError as error:
+            return [FileStatus(name, "neuronwise/data/digits.npz", True, False, str(error))]
+        return [FileStatus(name, "neuronwise/data/digits.npz", True, True, "embedded")]
     if info.format == "imagefolder":
         raise ValueError("Invalid dataset: 'imagefolder' (a generic reader has no files to verify)")
     root = resolve_root(root)

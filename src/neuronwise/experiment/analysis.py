@@ -371,5 +371,34 @@ def analyze_run(
         lines += [f"  sharpness σ={s}: loss +{m:.4f} (std {'n/a' if math.isnan(d) else f'{d:.4f}'})"
                   for s, m, d in zip(result.sharpness.sigmas, result.sharpness.mean,
                                      result.sharpness.std)]
+    summary = _merge_previous(out, summary)
     atomic_write_text(out / "analysis.json", json.dumps(summary, indent=2) + "\n")
     return "\n".join(lines)
+
+
+# What each kind of analysis adds to analysis.json, and the plots that show it.
+_PARTS = {"entropy": (("psp_entropy_bits", "classwise_layer"),
+                      ("entropy_hist.png", "entropy_classwise.png")),
+          "sharpness": (("sharpness", "landscape"), ("landscape.png",))}
+
+
+def _merge_previous(out: Path, summary: dict) -> dict:
+    """Keep the analyses of an earlier ``analyze`` (e.g. ``--sharpness``, then ``--entropy``) of
+    the same model on the same data (same checkpoint, seed, samples, and test loss to the bit);
+    for another model or data, drop them, and their plots with them."""
+    try:
+        previous = json.loads((out / "analysis.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = {}
+    same = isinstance(previous, dict) and all(
+        previous.get(key) == summary[key] for key in ("checkpoint", "split", "seed", "samples",
+                                                       "loss"))
+    for keys, plots in _PARTS.values():
+        if keys[0] in summary:
+            continue
+        if same and keys[0] in previous:
+            summary.update({k: previous[k] for k in keys if k in previous})
+        else:
+            for plot in plots:
+                (out / plot).unlink(missing_ok=True)
+    return summary

@@ -14,8 +14,6 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from . import config as config_module
-
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -28,20 +26,21 @@ def _default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _train(config_path: Path, args: argparse.Namespace) -> int:
+def _train(config_path: Path | None, args: argparse.Namespace) -> int:
     from neuronwise import distributed
 
-    from .distributed_setup import distributed_session
+    from .distributed_setup import distributed_session, run_on_main
     from .trainer import Trainer
 
     overrides = list(args.set or [])
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
-    config = config_module.load(config_path, overrides)
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir (the run directory to continue)")
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.name)
     with distributed_session():
+        # Rank 0 reads the files (a resumed run's record too) and sends the config.
+        config = run_on_main(lambda: _config_of_run(config_path, overrides, args))
+        run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.name)
         trainer = Trainer(config, str(run_dir), resume=args.resume)
         history = trainer.fit()
         if distributed.is_main_process():
@@ -49,9 +48,29 @@ def _train(config_path: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_of_run(config_path: Path | None, overrides: list[str], args: argparse.Namespace):
+    from .resume import load_config, resume_config
+    from .rundir import RunDir
+
+    if args.resume:
+        return resume_config(RunDir(args.run_dir), config_path, overrides,
+                             log=lambda line: print(line, flush=True),
+                             compare=args.command == "run")
+    if config_path is None:
+        raise ValueError("run: CONFIG is needed to start a run (only --resume continues a run "
+                         "without it, from its recorded config.yaml)")
+    return load_config(config_path, overrides)
+
+
 def _print_outcome(trainer, history: list[dict]) -> None:
-    if not history:
-        print(f"nothing to do: the run already finished {trainer.epoch} epochs ({trainer.run.path})")
+    path = trainer.run.path
+    if trainer.epoch == trainer.start_epoch:
+        if trainer.epoch == 0:
+            print(f"nothing trained: train.epochs is 0 (data, model and method were set up); "
+                  f"run directory: {path}")
+        else:
+            print(f"nothing to do: the run in {path} has already finished its {trainer.epoch} "
+                  f"epochs (--resume --set train.epochs=N with N > {trainer.epoch} trains on)")
         return
     last = history[-1]
     print(
@@ -59,12 +78,12 @@ def _print_outcome(trainer, history: list[dict]) -> None:
         f"remaining parameters {last['remaining_percent_paper']:.2f}% "
         f"({last['nonzero_paper']:,} of {last['params_paper']:,}, 'paper' convention), "
         f"neurons {last['neurons_alive']}/{last['neurons_total']}\n"
-        f"run directory: {trainer.run.path}  (report: neuronwise report {trainer.run.path})"
+        f"run directory: {path}  (report: neuronwise report {path})"
     )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _train(Path(args.config), args)
+    return _train(Path(args.config) if args.config else None, args)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -139,13 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     def training_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
         p.add_argument("--resume", action="store_true",
-                       help="continue the run in --run-dir from its last checkpoint")
+                       help="continue the run in --run-dir from its last checkpoint, as recorded "
+                            "there (only --set values change it); starts it if there is none")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
         p.add_argument("--data-root", help="data folder (default: $NEURONWISE_DATA, else the cache)")
 
     run = commands.add_parser("run", help="train from a YAML config")
-    run.add_argument("config", help="YAML config, e.g. configs/lobster/lenet300_mnist.yaml")
+    run.add_argument("config", nargs="?",
+                     help="YAML config, e.g. configs/lobster/lenet300_mnist.yaml (optional with "
+                          "--resume: the run continues as recorded in --run-dir)")
     training_flags(run)
     run.set_defaults(func=cmd_run)
 
@@ -226,6 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"neuronwise: error: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except ModuleNotFoundError as error:  # an optional extra that is not installed
+        from neuronwise.extras import MissingExtraError, missing_extra
+
+        if not isinstance(error, MissingExtraError):
+            error = missing_extra(error, f"neuronwise {args.command}")
+        if not isinstance(error, MissingExtraError) or os.environ.get("NEURONWISE_DEBUG"):
+            raise
+        print(f"neuronwise: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, TypeError, OSError) as error:
         if os.environ.get("NEURONWISE_DEBUG"):
             raise

@@ -219,9 +219,12 @@ def write_report(run_path: str | Path) -> Path:
     if info.exists():
         lines += ["Produced by (see run_info.json):", "", "```json", info.read_text().strip(), "```", ""]
     lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    validated = any(not math.isnan(r["val_accuracy"]) for r in history)
     lines += ["", "## Per compression level", "",
               ("Test error at the best-validation-accuracy epoch of each compression level "
-               "(METHODS.md §8)."), ""] + levels_table(history)
+               "(METHODS.md §8)." if validated else
+               "Test error at the last epoch of each compression level (no validation split: "
+               "data.val_fraction is 0, so no best epoch and no best.pt)."), ""] + levels_table(history)
     lines += [""] + [f"![{title}]({name})" for name, title in plots]
     lines += ["", "## Config", "", "```yaml", config_text.strip(), "```", ""]
     markdown = "\n".join(lines)

@@ -7,7 +7,8 @@ Layout::
     RUN/last.pt          full training state after the last finished epoch
     RUN/previous.pt      the state before that (fallback when last.pt is unreadable)
     RUN/best.pt          model weights at the best validation accuracy
-    RUN/.lock            the writing process (pid@host); a second writer gets a clear error
+    RUN/.lock            OS lock of the writing process (released when it ends or dies)
+    RUN/.lock.owner      the writing process (pid@host), named in a second writer's error
 
 Checkpoints are written atomically (a crash or a full disk leaves the previous good file), checked
 against their zip CRC-32s and loaded with ``weights_only=True``.
@@ -15,6 +16,7 @@ against their zip CRC-32s and loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 import neuronwise
 from neuronwise.io import atomic_torch_save, atomic_write_text
@@ -42,20 +45,11 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as asked (exists, locked, other config, unreadable)."""
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._locked = False
+        self._lock: FileLock | None = None
+        self._created = False
 
     config_path = property(lambda self: self.path / "config.yaml")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
@@ -63,6 +57,7 @@ class RunDir:
     previous_path = property(lambda self: self.path / "previous.pt")
     best_path = property(lambda self: self.path / "best.pt")
     lock_path = property(lambda self: self.path / ".lock")
+    owner_path = property(lambda self: self.path / ".lock.owner")
 
     def holds_run(self) -> bool:
         return self.config_path.exists() or self.last_path.exists()
@@ -72,56 +67,26 @@ class RunDir:
 
     # -- lock -------------------------------------------------------------------------------
     def acquire(self) -> None:
-        """Take the writer lock; a live writer on this host is an error, a stale lock is replaced.
+        """Take the writer lock: an OS lock (``flock`` through :mod:`filelock`) on ``RUN/.lock``.
 
-        The lock file appears with its owner already written (hard link of a finished temporary
-        file), so no reader sees it empty; a stale lock is moved aside before it is judged, so of
-        two processes replacing the same stale lock only one can win.
+        The operating system releases it when its process dies, however it dies, so a killed
+        writer's lock never needs judging or breaking, and of two processes only one can hold it.
+        ``RUN/.lock.owner`` names the holder (pid@host) for the message a second writer gets.
         """
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        me = f"{os.getpid()}@{socket.gethostname()}"
-        claim = self.path / f".lock.{os.getpid()}.{id(self):x}.tmp"
-        claim.write_text(me, encoding="utf-8")
+        lock = FileLock(str(self.lock_path), timeout=0)
         try:
-            for _ in range(3):
-                try:
-                    os.link(claim, self.lock_path)
-                except FileExistsError:
-                    self._break_stale_lock()
-                    continue
-                self._locked = True
-                self._remove_leftover_temporaries()
-                return
-        finally:
-            claim.unlink(missing_ok=True)
-        raise RunDirError(f"{self.path}: could not take the lock {self.lock_path}")
-
-    def _break_stale_lock(self) -> None:
-        """Remove the lock if its owner is gone; raise :class:`RunDirError` if it lives."""
-        aside = self.path / f".lock.{os.getpid()}.{id(self):x}.stale"
-        try:
-            os.rename(self.lock_path, aside)
-        except FileNotFoundError:
-            return  # released or broken by another process meanwhile: try again
-        owner = aside.read_text(encoding="utf-8").strip()
-        pid_text, _, host = owner.partition("@")
-        alive = host != socket.gethostname() or (
-            pid_text.isdigit() and _process_alive(int(pid_text))
-        )
-        if not alive:
-            aside.unlink(missing_ok=True)
-            return
-        # A live lock (perhaps one that another process had just taken): put it back.
-        try:
-            os.link(aside, self.lock_path)
-        except FileExistsError:
-            pass  # a third process took the lock meanwhile: it is in use either way
-        finally:
-            aside.unlink(missing_ok=True)
-        raise RunDirError(
-            f"{self.path}: run directory is in use by process {owner} "
-            f"(remove {self.lock_path} if that process is gone)"
-        )
+            lock.acquire()
+        except Timeout:
+            try:
+                owner = self.owner_path.read_text(encoding="utf-8").strip() or "unknown"
+            except OSError:
+                owner = "unknown"
+            raise RunDirError(f"{self.path}: run directory is in use by process {owner}") from None
+        self._lock = lock
+        atomic_write_text(self.owner_path, f"{os.getpid()}@{socket.gethostname()}")
+        self._remove_leftover_temporaries()
 
     def _remove_leftover_temporaries(self) -> None:
         """Temporary files that a killed writer left behind (not those of, say, a report being
@@ -132,9 +97,17 @@ class RunDir:
                 leftover.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if self._locked:
+        """Release the lock; a directory that this process created and left empty is removed
+        (a run that failed before writing anything, e.g. on a bad model name, leaves nothing)."""
+        if self._lock is None:
+            return
+        self.owner_path.unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+        if self._created and {p.name for p in self.path.iterdir()} <= {".lock"}:
             self.lock_path.unlink(missing_ok=True)
-            self._locked = False
+            with contextlib.suppress(OSError):  # another process may have just written into it
+                self.path.rmdir()
 
     # -- config -----------------------------------------------------------------------------
     def write_config(self, config: Config) -> None:
@@ -142,13 +115,12 @@ class RunDir:
             atomic_write_text(self.config_path, dump(config))
 
     def update_config(self, config: Config) -> list[str]:
-        """Rewrite ``config.yaml`` with the ``train.`` + :data:`RESUME_MAY_CHANGE` settings of a
-        resumed run, so the record says e.g. how many epochs the run has; returns the changes as
+        """Rewrite ``config.yaml`` with the :data:`MAY_CHANGE_ON_RESUME` settings of a resumed
+        run, so the record says e.g. how many epochs the run has; returns the changes as
         ``"train.epochs: 300 -> 200"``."""
-        stored = self.read_config().train
-        changed = [f"train.{key}: {getattr(stored, key)!r} -> {getattr(config.train, key)!r}"
-                   for key in RESUME_MAY_CHANGE
-                   if getattr(stored, key) != getattr(config.train, key)]
+        stored, wanted = _flat(self.read_config()), _flat(config)
+        changed = [f"{key}: {stored[key]!r} -> {wanted[key]!r}" for key in MAY_CHANGE_ON_RESUME
+                   if stored[key] != wanted[key]]
         if changed:
             self.write_config(config)
         return changed
@@ -157,12 +129,12 @@ class RunDir:
         return from_dict(read_yaml(self.config_path), source=str(self.config_path))
 
     def check_same_run(self, config: Config) -> None:
-        """Resuming needs the same config but for ``train.`` + :data:`RESUME_MAY_CHANGE`."""
+        """Resuming needs the same config but for :data:`MAY_CHANGE_ON_RESUME`."""
         try:
             stored = self.read_config()
         except ConfigError as error:
             raise RunDirError(str(error)) from None
-        differing = _config_differences(stored, config)
+        differing = config_differences(stored, config)
         if differing:
             raise RunDirError(
                 f"{self.path}: run directory belongs to another config "
@@ -170,33 +142,42 @@ class RunDir:
             )
 
     def check_checkpoint_config(self, stored: Any, config: Config) -> None:
-        """A checkpoint resumes only the config that wrote it (up to :data:`RESUME_MAY_CHANGE`)."""
+        """A checkpoint resumes only the config that wrote it (up to :data:`MAY_CHANGE_ON_RESUME`)."""
         if not isinstance(stored, dict):
             raise RunDirError(f"{self.path}: checkpoint has no config (found {type(stored).__name__})")
         try:
             stored = from_dict(stored, source="checkpoint config")
         except ConfigError as error:
             raise RunDirError(f"{self.path}: {error}") from None
-        differing = _config_differences(stored, config)
+        differing = config_differences(stored, config)
         if differing:
             raise RunDirError(
                 f"{self.path}: checkpoint was written by another config "
                 f"(differs in {', '.join(differing)})"
             )
 
-    def write_info(self, seed: int) -> None:
-        """Record what produced the run: command, commit, versions, seed."""
-        info = {
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    def write_info(self, seed: int, resumed: bool = False) -> None:
+        """Record what produced the run: command, commit, versions, seed. ``commands`` lists every
+        command that trained the run, first to last: a resumed run appends its own."""
+        command = {
+            "command": " ".join([_program()] + sys.argv[1:]),
             "commit": _git_commit(),
-            "seed": seed,
             "neuronwise": neuronwise.__version__,
             "torch": torch.__version__,
-            "python": platform.python_version(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         path = self.path / "run_info.json"
+        info = None
+        if resumed:
+            with contextlib.suppress(OSError, ValueError):
+                info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            info = {**command, "seed": seed, "python": platform.python_version(), "commands": []}
+        earlier = info.get("commands")
+        if not isinstance(earlier, list):  # written before commands were kept: its first one
+            earlier = [{k: info[k] for k in command if k in info}]
+        info["commands"] = [*earlier, command]
         with _writing(path):
             atomic_write_text(path, json.dumps(info, indent=2) + "\n")
 
@@ -333,17 +314,24 @@ def _check_crc(path: Path) -> None:
         raise RunDirError(f"{path}: unreadable checkpoint (corrupt zip archive: {error})") from None
 
 
-# What may change when a run is resumed: its length, and how (not what) this machine computes.
-RESUME_MAY_CHANGE = ("epochs", "threads", "checkpoint_every", "channels_last")
+# What may change when a run is resumed: its length, how (not what) this machine computes, and
+# where files lie: the data (its checksums are verified wherever it is) and model.init_from (read
+# only when a run starts; a moved study points it at its dense checkpoint's new place).
+MAY_CHANGE_ON_RESUME = ("train.epochs", "train.threads", "train.checkpoint_every",
+                        "train.channels_last", "data.root", "model.init_from")
+# Their train. keys (a study compares its base.train section with these).
+RESUME_MAY_CHANGE = tuple(k.split(".", 1)[1] for k in MAY_CHANGE_ON_RESUME if k.startswith("train."))
 
 
-def _config_differences(stored: Config, wanted: Config) -> list[str]:
-    """Dotted keys where two configs differ, ignoring ``train.`` + :data:`RESUME_MAY_CHANGE`."""
-    a, b = stored.to_dict(), wanted.to_dict()
-    for key in RESUME_MAY_CHANGE:
-        a["train"].pop(key)
-        b["train"].pop(key)
-    return sorted(_differences(a, b))
+def _flat(config: Config) -> dict[str, Any]:
+    data = config.to_dict()
+    return {key: data[key.split(".")[0]][key.split(".")[1]] for key in MAY_CHANGE_ON_RESUME}
+
+
+def config_differences(stored: Config, wanted: Config) -> list[str]:
+    """Dotted keys where two configs differ, ignoring :data:`MAY_CHANGE_ON_RESUME`."""
+    return [key for key in sorted(_differences(stored.to_dict(), wanted.to_dict()))
+            if key not in MAY_CHANGE_ON_RESUME]
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -354,6 +342,12 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def _program() -> str:
+    """How this process was started: ``neuronwise``, or ``python -m neuronwise``."""
+    name = Path(sys.argv[0]).name
+    return "python -m neuronwise" if name == "__main__.py" else name
 
 
 def _git_commit() -> str | None:

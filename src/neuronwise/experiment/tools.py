@@ -28,6 +28,9 @@ def load_run_model(
         raise RunDirError(f"{run.path}: run directory not found")
     config = run.read_config()
     path = run.best_path if checkpoint == "best" else run.last_path
+    if checkpoint == "best" and not path.exists() and config.data.val_fraction == 0:
+        raise RunDirError(f"{run.path}: no best.pt: the run has no validation split "
+                          "(data.val_fraction is 0); use --checkpoint last")
     state = load_checkpoint(path)
     spec = state.get("model_spec") or _registry_spec(config)
     model = nw.models.create(config.model.name, **spec, **config.model.kwargs)
@@ -71,14 +74,19 @@ def explain_run(run_dir: str | Path, checkpoint: str = "last") -> str:
 
 def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str = "last",
                  repeats: int = 50) -> str:
-    """Simplify a run's model; save it (``simplified.pt``), measure it, optionally export ONNX."""
+    """Simplify a run's model; save it (``simplified.pt2``, a ``torch.export`` archive), measure
+    it, optionally export ONNX."""
+    from neuronwise.extras import require
     from neuronwise.latency import measure_latency
     from neuronwise.simplify import export_onnx, save_simplified, simplify
 
+    if export:  # before the work, not after it
+        require(("onnx", "onnxscript"), "--export (ONNX)")
     _, model, example = load_run_model(run_dir, checkpoint)
     small = simplify(model, example)
     run = RunDir(run_dir)
-    save_simplified(small, run.path / "simplified.pt")
+    saved = run.path / "simplified.pt2"
+    save_simplified(small, saved)
     summary = {"dense": nw.metrics.summary(model, example),
                "simplified": nw.metrics.summary(small, example)}
     with torch.no_grad():
@@ -105,7 +113,8 @@ def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str
         summary["onnx"] = str(export)
     atomic_write_text(run.path / "simplify.json", json.dumps(summary, indent=2) + "\n")
     d, s = summary["dense"], summary["simplified"]
-    lines = [f"simplified model saved: {run.path / 'simplified.pt'}"]
+    lines = [f"simplified model saved: {saved}",
+             f"  load it with torch.export.load({str(saved)!r}).module() (no neuronwise needed)"]
     for key in sorted(d):
         lines.append(f"  {key:<28} {d[key]:>14,} -> {s[key]:>14,}")
     for layout in layouts:

@@ -71,6 +71,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict = {"val_accuracy": -1.0, "epoch": 0}
         self.epoch = 0
+        self.start_epoch = 0  # the epoch this process started from (after a resume: the last done)
         self.callbacks: list[MethodCallback] = []
         self.tensorboard = None
 
@@ -82,10 +83,17 @@ class Trainer:
     def _check_run_dir(self) -> None:
         if self.resume:
             if not self.run.holds_run():
-                raise RunDirError(f"{self.run.path}: nothing to resume (no config.yaml/last.pt)")
+                # E.g. killed before its run directory existed: a requeue that always passes
+                # --resume starts the run.
+                self.log(f"{self.run.path}: nothing to resume (no run there yet); starting the run")
+                self.resume = False
+                return
             self.run.check_same_run(self.config)
             # Killed before its first checkpoint: the same config starts over.
             self.resume = self.run.has_checkpoint()
+            if not self.resume:
+                self.log(f"{self.run.path}: no checkpoint yet (stopped before its first epoch "
+                         "ended); starting the run over")
         elif self.run.holds_run():
             raise RunDirError(
                 f"{self.run.path}: run directory already holds a run; pass --resume to continue "
@@ -291,6 +299,7 @@ class Trainer:
             changed = self.run.update_config(self.config)
             if changed:
                 self.log(f"{self.run.config_path}: updated " + ", ".join(changed))
+            self.run.write_info(self.config.train.seed, resumed=True)
             self._config_recorded = True
 
     # -- main -------------------------------------------------------------------------------
@@ -306,10 +315,16 @@ class Trainer:
             if self.resume:
                 # Rank 0 reads the checkpoint and sends it, so ranks need no shared file system.
                 self._resume(run_on_main(self.run.load_last))
+                if self.config.train.epochs < self.epoch:
+                    raise RunDirError(
+                        f"train.epochs: {self.config.train.epochs} is fewer than the {self.epoch} "
+                        f"epochs that the run in {self.run.path} has finished (a run can be "
+                        f"shortened to no fewer epochs than it has trained)")
                 self.log(f"resumed {self.run.path} after epoch {self.epoch}")
             elif distributed.is_main_process():
                 self.run.write_config(self.config)
                 self.run.write_info(self.config.train.seed)
+            self.start_epoch = self.epoch
             for callback in self.callbacks:
                 callback.on_fit_start()
             if distributed.is_main_process():

@@ -30,10 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from neuronwise import distributed, models
@@ -43,6 +41,13 @@ from neuronwise.experiment.methods.neq import NEqCallback as _NEq
 from neuronwise.experiment.methods.plateau import PlateauPruningCallback as _Plateau
 from neuronwise.experiment.methods.serene import SeReNeCallback as _SeReNe
 from neuronwise.experiment.records import scalars
+from neuronwise.extras import missing_extra
+
+try:
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+except ModuleNotFoundError as error:
+    raise missing_extra(error, "neuronwise.integrations.lightning") from None
 
 __all__ = ["LobsterCallback", "MethodCallbackAdapter", "NEqCallback", "PruneOnPlateauCallback",
            "SeReNeCallback"]
