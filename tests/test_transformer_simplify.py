@@ -240,7 +240,7 @@ def kill_vit_parts(model: nn.Module) -> nn.Module:
     w_in, _, _ = projections(model.blocks[0])
     w_in[2 * 32 : 2 * 32 + 8] = 0  # head 0 of block 0: value rows
     model.blocks[0].mlp.fc1.weight[::2] = 0
-    w_in, _, proj = projections(model.blocks[1])  # block 1: everything dead
+    w_in, _, _ = projections(model.blocks[1])  # block 1: everything dead
     w_in[2 * 32 :] = 0
     model.blocks[1].mlp.fc2.weight.zero_()
     return model
