@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from neuronwise._utils import evaluating, find_classifier, split_batch
 from neuronwise.distributed import all_reduce_sum
 
 __all__ = ["LayerEntropy", "PSPEntropy", "psp_entropy"]
@@ -100,10 +101,10 @@ class PSPEntropy:
             if not names:
                 raise ValueError("Invalid layers: [] (expected at least one name)")
         if num_classes is None:
-            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-            if not linears:
+            classifier = find_classifier(model)
+            if classifier is None:
                 raise ValueError("Invalid num_classes: None (the model has no Linear to infer it)")
-            num_classes = linears[-1].out_features
+            num_classes = classifier[1].out_features
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"Invalid num_classes: {num_classes!r} (expected an int >= 1)")
         self.model = model
@@ -124,19 +125,16 @@ class PSPEntropy:
     def update(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Run the model on ``inputs`` (eval mode) and count; returns the model's output."""
         labels = _check_labels(labels, self.num_classes)
-        modes = [(m, m.training) for m in self.model.modules()]
         handles = [
             module.register_forward_hook(self._make_hook(name, labels))
             for name, module in self._modules.items()
         ]
         try:
-            self.model.eval()
-            return self.model(inputs)
+            with evaluating(self.model):
+                return self.model(inputs)
         finally:
             for handle in handles:
                 handle.remove()
-            for module, training in modes:
-                module.training = training
 
     def _make_hook(self, name: str, labels: torch.Tensor):
         def hook(module: nn.Module, args, output: torch.Tensor) -> None:
@@ -233,29 +231,9 @@ def psp_entropy(
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     for batch in loader:
-        inputs, labels = _split_batch(batch)
+        inputs, labels = split_batch(batch)
         metric.update(inputs.to(device), labels.to(device))
     return metric.compute()
-
-
-def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inputs, labels)`` from a loader's batch, or a TypeError that says what was found."""
-    if not isinstance(batch, (tuple, list)):
-        raise TypeError(
-            f"Invalid batch: {type(batch).__name__} (expected an (inputs, labels) pair)"
-        )
-    if len(batch) != 2:
-        raise TypeError(
-            f"Invalid batch: {type(batch).__name__} of length {len(batch)} "
-            "(expected an (inputs, labels) pair)"
-        )
-    inputs, labels = batch
-    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError(
-            f"Invalid batch: ({type(inputs).__name__}, {type(labels).__name__}) "
-            "(expected a pair of tensors)"
-        )
-    return inputs, labels
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

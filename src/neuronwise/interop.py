@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from neuronwise.pruning import PRUNABLE_MODULES, ParameterMask, prunable_parameters
+from neuronwise.masks import PRUNABLE_MODULES, ParameterMask, prunable_parameters
 
 
 def _reparametrized(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import torch
 from torch import nn
+
+from neuronwise._utils import evaluating
 
 
 @torch.no_grad()
@@ -20,12 +23,11 @@ def measure_latency(models: Sequence[nn.Module], inputs: torch.Tensor, repeats: 
     """
     if repeats < 1:
         raise ValueError(f"Invalid repeats: {repeats} (expected >= 1)")
-    modes = [m.training for m in models]
-    for model in models:
-        model.eval()
     synchronize = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
     times: list[list[float]] = [[] for _ in models]
-    try:
+    with ExitStack() as stack:
+        for model in models:
+            stack.enter_context(evaluating(model))
         for round_index in range(warmup + repeats):
             for index, model in enumerate(models):
                 synchronize()
@@ -34,7 +36,4 @@ def measure_latency(models: Sequence[nn.Module], inputs: torch.Tensor, repeats: 
                 synchronize()
                 if round_index >= warmup:
                     times[index].append(time.perf_counter() - start)
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
     return [statistics.median(t) for t in times]

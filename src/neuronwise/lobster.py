@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neuronwise.pruning import (
+from neuronwise._utils import by_device_and_dtype, check_foreach, check_lam, use_foreach
+from neuronwise.masks import (
     PRUNABLE_MODULES,
     ParameterMask,
     ParamsLike,
-    _by_device_and_dtype,
-    _use_foreach,
+    check_mask,
     resolve_parameters,
 )
 
@@ -61,17 +61,13 @@ class Lobster:
         foreach: bool | None = None,
         mask: ParameterMask | None = None,
     ) -> None:
-        self.lam = _check_lam(lam)
+        self.lam = check_lam(lam)
         self.scale_by_lr = bool(scale_by_lr)
         self.lr = _check_lr(lr, self.scale_by_lr)
         self.rescaled = bool(rescaled)
-        if foreach not in (None, True, False):
-            raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
-        self.foreach = foreach
+        self.foreach = check_foreach(foreach)
         self.params = resolve_parameters(model_or_params, modules)
-        if mask is not None and not isinstance(mask, ParameterMask):
-            raise TypeError(f"Invalid mask: {type(mask).__name__} (expected ParameterMask or None)")
-        self.mask = mask if mask is not None else ParameterMask(self.params)
+        self.mask = check_mask(mask) or ParameterMask(self.params)
 
     @property
     def strength(self) -> float:
@@ -91,7 +87,7 @@ class Lobster:
 
     def _decay_foreach(self, params: list[Tensor], strength: float) -> None:
         grads = [p.grad for p in params]
-        for group_params, group_grads in _by_device_and_dtype(params, grads):
+        for group_params, group_grads in by_device_and_dtype(params, grads):
             insensitivity = torch._foreach_abs(group_grads)
             if self.rescaled:
                 maxima = [s.max().clamp_min(_RESCALE_EPS) for s in insensitivity]
@@ -108,14 +104,14 @@ class Lobster:
     def step(self) -> None:
         """Decay the insensitive parameters, then re-apply the mask."""
         params = [p for p in self.params if p.grad is not None and p.numel()]
-        use_foreach = _use_foreach(self.foreach, self.params)
+        foreach = use_foreach(self.foreach, self.params)
         strength = self.strength
         if params and strength != 0:
-            if use_foreach:
+            if foreach:
                 self._decay_foreach(params, strength)
             else:
                 self._decay_loop(params, strength)
-        self.mask.apply(foreach=use_foreach)
+        self.mask.apply(foreach=foreach)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -127,17 +123,11 @@ class Lobster:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.lam = _check_lam(state_dict["lam"])
+        self.lam = check_lam(state_dict["lam"])
         self.scale_by_lr = bool(state_dict["scale_by_lr"])
         self.lr = _check_lr(state_dict["lr"], self.scale_by_lr)
         self.rescaled = bool(state_dict["rescaled"])
         self.mask.load_state_dict(state_dict["mask"])
-
-
-def _check_lam(lam: Any) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
-        raise ValueError(f"Invalid lam: {lam!r} (expected >= 0)")
-    return float(lam)
 
 
 def _check_lr(lr: Any, required: bool) -> float | None:

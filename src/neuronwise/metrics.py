@@ -6,8 +6,8 @@ BatchNorm2d (the LOBSTER training logs).
 
 Neurons: ``"default"`` = Linear output rows and Conv2d output channels whose weight row holds a
 non-zero (LOBSTER); ``"serene-log"`` adds non-zero BatchNorm2d γ entries and ConvTranspose2d output
-channels (SeReNe logs); ``"neq"`` = every Conv2d, BatchNorm2d, LayerNorm (last normalized
-dimension) and Linear channel, pruned or not (NEq).
+channels (SeReNe logs); ``"neq"`` = every Conv2d, BatchNorm2d, LayerNorm (one per normalized
+element) and Linear channel, pruned or not (NEq).
 
 Operations, all at batch 1 in eval mode, measured with forward hooks (METHODS.md §5, §7):
 forward FLOPs by the thop rules, Conv2d out_numel·(C_in/groups·k_h·k_w + [bias]), BatchNorm and
@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from neuronwise._utils import evaluating, layer_neurons
 
 PARAMETER_CONVENTIONS = ("paper", "all", "lobster-log")
 NEURON_CONVENTIONS = ("default", "serene-log", "neq")
@@ -113,16 +115,6 @@ def _weight_rows(module: nn.Module, convention: str) -> Tensor | None:
     return None
 
 
-def _neq_channels(module: nn.Module) -> int:
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return module.weight.shape[0]
-    if isinstance(module, nn.BatchNorm2d):
-        return module.num_features
-    if isinstance(module, nn.LayerNorm):
-        return module.normalized_shape[-1]
-    return 0
-
-
 def count_neurons(model: nn.Module, convention: str = "default") -> dict[str, tuple[int, int]]:
     """Per layer name ``(alive, total)`` neurons, plus ``"total"`` summed over layers.
 
@@ -138,7 +130,7 @@ def count_neurons(model: nn.Module, convention: str = "default") -> dict[str, tu
     counts: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
         if convention == "neq":
-            channels = _neq_channels(module)
+            channels = layer_neurons(module)
             if channels:
                 counts[name] = (channels, channels)
             continue
@@ -190,15 +182,12 @@ def hooked_eval_forward(model: nn.Module, handles: list, forward: Callable[[], o
     Modes are restored per module, since submodules may have been in a mode different from the
     root's; both happen even if the forward raises.
     """
-    modes = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
-        forward()
+        with evaluating(model):
+            forward()
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
 
 
 def _forward_ops(module: nn.Module, output: Tensor) -> int:

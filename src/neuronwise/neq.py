@@ -11,19 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, metrics
+from ._utils import evaluating, find_classifier, is_number, layer_neurons
 from .neq_backward import ActiveRowsHook, supports_active_rows
 
 HOOKED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Linear)
 VELOCITIES = ("paper", "official")
 MODES = ("optim", "grad", "restore")
 SELECTIONS = ("threshold", "random", "topk")
-
-
-def _neurons(module: nn.Module) -> int:
-    """Neurons of a hooked module: output rows/channels, or LayerNorm's normalized elements."""
-    if isinstance(module, nn.LayerNorm):
-        return math.prod(module.normalized_shape)
-    return module.weight.shape[0]
 
 
 def _rows(param: Tensor, neurons: int) -> Tensor:
@@ -39,7 +33,7 @@ def _channels(module: nn.Module, output: Tensor) -> Tensor:
     if output.dim() == 2:
         return output
     # Linear and LayerNorm put neurons last; the middle dims (tokens, positions) are positions.
-    return output.reshape(n, -1, _neurons(module)).transpose(1, 2)
+    return output.reshape(n, -1, layer_neurons(module)).transpose(1, 2)
 
 
 def cosine(dot: Tensor, norm_a: Tensor, norm_b: Tensor) -> Tensor:
@@ -124,9 +118,9 @@ class NEq:
             raise TypeError(f"Invalid model: {type(model).__name__} (expected an nn.Module)")
         if not isinstance(val_inputs, Tensor) or val_inputs.dim() == 0 or len(val_inputs) == 0:
             raise ValueError("Invalid val_inputs: expected a tensor with at least one sample")
-        if not _is_number(eps) or not eps >= 0:
+        if not is_number(eps) or not eps >= 0:
             raise ValueError(f"Invalid eps: {eps} (expected >= 0)")
-        if not _is_number(mu) or not 0 <= mu <= 1:
+        if not is_number(mu) or not 0 <= mu <= 1:
             raise ValueError(f"Invalid mu: {mu} (expected in [0, 1])")
         if velocity not in VELOCITIES:
             raise ValueError(f"Invalid velocity: {velocity!r} (expected one of {VELOCITIES})")
@@ -142,7 +136,7 @@ class NEq:
                 "'threshold')"
             )
         if selection != "threshold" and (
-            not _is_number(trained_fraction) or not 0 <= trained_fraction <= 1
+            not is_number(trained_fraction) or not 0 <= trained_fraction <= 1
         ):
             raise ValueError(
                 f"Invalid trained_fraction: {trained_fraction} (expected in [0, 1] with selection "
@@ -184,8 +178,8 @@ class NEq:
     def _select_modules(self, layers, exclude) -> dict[str, nn.Module]:
         named = dict(self.model.named_modules())
         if exclude is None:
-            linears = [name for name, m in named.items() if isinstance(m, nn.Linear)]
-            exclude = linears[-1:]
+            classifier = find_classifier(self.model)
+            exclude = [] if classifier is None else [classifier[0]]
         exclude = set(exclude)
         for name in exclude:
             if name not in named:
@@ -261,18 +255,15 @@ class NEq:
 
             return hook
 
-        training = {m: m.training for m in self.model.modules()}
         handles = [m.register_forward_hook(hook_for(name)) for name, m in self.modules.items()]
         device = next(self.model.parameters()).device
         try:
-            self.model.eval()
-            for start in range(0, total, self.batch_size):
-                self.model(self.val_inputs[start : start + self.batch_size].to(device))
+            with evaluating(self.model):
+                for start in range(0, total, self.batch_size):
+                    self.model(self.val_inputs[start : start + self.batch_size].to(device))
         finally:
             for handle in handles:
                 handle.remove()
-            for module, mode in training.items():
-                module.train(mode)
         missing = [name for name in self.modules if seen.get(name) != total]
         if missing:
             raise RuntimeError(f"NEq: hooked modules did not see every input of Ξ once: {missing}")
@@ -298,7 +289,7 @@ class NEq:
         self.history = []
         self.similarity, self.velocity, self.carry, self.frozen = {}, {}, {}, {}
         for name, module in self.modules.items():
-            n = _neurons(module)
+            n = layer_neurons(module)
             self.similarity[name] = torch.ones(n, dtype=torch.float64, device=module.weight.device)
             self.velocity[name] = torch.zeros_like(self.similarity[name])
             self.carry[name] = torch.zeros_like(self.similarity[name])
@@ -354,7 +345,7 @@ class NEq:
             if index.numel() == 0:
                 continue
             for param in module.parameters(recurse=False):
-                rows.append((param, _neurons(module), index.to(param.device), id(param) in skipped))
+                rows.append((param, layer_neurons(module), index.to(param.device), id(param) in skipped))
         return rows
 
     def attach(self, optimizer: torch.optim.Optimizer) -> _Handles:
@@ -484,7 +475,7 @@ class NEq:
         if not self.history:
             return {name: 0.0 for name in self.modules}
         counts = torch.tensor(self.history, dtype=torch.float64).mean(0)
-        return {name: float(c) / _neurons(m) for (name, m), c in zip(self.modules.items(), counts)}
+        return {name: float(c) / layer_neurons(m) for (name, m), c in zip(self.modules.items(), counts)}
 
     def trained_neurons(self, average: bool = False) -> float:
         r"""Σ_l N_l (1 − f_l) over every Conv2d/BatchNorm2d/LayerNorm/Linear of the model.
@@ -496,7 +487,7 @@ class NEq:
         total = 0.0
         for name, module in self.model.named_modules():
             if isinstance(module, HOOKED_TYPES) and getattr(module, "weight", None) is not None:
-                total += _neurons(module) * (1 - fractions.get(name, 0.0))
+                total += layer_neurons(module) * (1 - fractions.get(name, 0.0))
         return total
 
     def backward_flops(self, example_input: Tensor, average: bool = False) -> float:
@@ -546,7 +537,7 @@ class NEq:
         (``threshold``: frozen ⇔ |v| below ε); all zero before the first step.
         """
         q = list(quantiles)
-        if not q or not all(_is_number(x) and 0 <= x <= 1 for x in q):
+        if not q or not all(is_number(x) and 0 <= x <= 1 for x in q):
             raise ValueError(f"Invalid quantiles: {q} (expected numbers in [0, 1])")
         speeds = torch.cat([v.detach().abs().flatten().cpu() for v in self.velocity.values()])
         return torch.quantile(speeds, torch.tensor(q, dtype=speeds.dtype)).tolist()
@@ -561,10 +552,6 @@ class _Handles:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _decoupled(optimizer: torch.optim.Optimizer, group: dict) -> bool:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from ._utils import check_modules
 
 VARIANTS = ("lower-bound", "full", "local")
 
@@ -69,16 +70,13 @@ class NeuronActivations:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected torch.nn.Module)")
-        if not modules or not all(
-            isinstance(m, type) and issubclass(m, nn.Module) for m in modules
-        ):
-            raise TypeError(f"Invalid modules: {modules!r} (expected a tuple of nn.Module types)")
+        modules = check_modules(modules)
         self.outputs: dict[str, Tensor] = {}
         self.channel_dims: dict[str, int] = {}
         self.modules: dict[str, nn.Module] = {}
         self._handles = []
         for name, module in model.named_modules():
-            if isinstance(module, tuple(modules)):
+            if isinstance(module, modules):
                 self.modules[name] = module
                 self.channel_dims[name] = -1 if isinstance(module, nn.Linear) else 1
                 recorder = _OutputRecorder(name, self.outputs)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .pruning import ParameterMask, _by_device_and_dtype, _use_foreach
+from ._utils import by_device_and_dtype, check_foreach, check_lam, use_foreach
+from .masks import ParameterMask, check_mask
 from .sensitivity import VARIANTS, NeuronActivations, neuron_sensitivity
 
 
@@ -60,17 +60,13 @@ class SeReNe:
         foreach: bool | None = None,
         mask: ParameterMask | None = None,
     ):
-        self.lam = _check_lam(lam)
+        self.lam = check_lam(lam)
         if variant not in VARIANTS:
             raise ValueError(f"Invalid variant: {variant!r} (expected one of {VARIANTS})")
-        if foreach not in (None, True, False):
-            raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
+        self.foreach = check_foreach(foreach)
         self.variant = variant
         self.activations = NeuronActivations(model, modules)
-        self.foreach = foreach
-        if mask is not None and not isinstance(mask, ParameterMask):
-            raise TypeError(f"Invalid mask: {type(mask).__name__} (expected ParameterMask or None)")
-        self.mask = mask if mask is not None else ParameterMask(model, modules)
+        self.mask = check_mask(mask) or ParameterMask(model, modules)
         self._sums: dict[str, Tensor] = {}
         self._count = 0
 
@@ -110,16 +106,16 @@ class SeReNe:
             insensitivity = torch.relu(1.0 - self._sums[name] / self._count).to(w)
             weights.append(w)
             factors.append(insensitivity.view(-1, *([1] * (w.dim() - 1))).expand_as(w))
-        use_foreach = _use_foreach(self.foreach, weights + self.mask.params)
-        if use_foreach:
-            for group_weights, group_factors in _by_device_and_dtype(weights, factors):
+        foreach = use_foreach(self.foreach, weights + self.mask.params)
+        if foreach:
+            for group_weights, group_factors in by_device_and_dtype(weights, factors):
                 torch._foreach_addcmul_(
                     group_weights, group_factors, group_weights, value=-self.lam
                 )
         else:
             for w, f in zip(weights, factors):
                 w.addcmul_(f, w, value=-self.lam)
-        self.mask.apply(foreach=use_foreach)
+        self.mask.apply(foreach=foreach)
         self._sums = {}
         self._count = 0
 
@@ -149,7 +145,7 @@ class SeReNe:
             raise ValueError(
                 f"Invalid SeReNe state_dict: modules {sorted(unknown)} are not regularized here"
             )
-        self.lam = _check_lam(state_dict["lam"])
+        self.lam = check_lam(state_dict["lam"])
         self.mask.load_state_dict(state_dict["mask"])
         self.variant = state_dict["variant"]
         self._count = int(state_dict["count"])
@@ -158,8 +154,3 @@ class SeReNe:
             for k, v in state_dict["sums"].items()
         }
 
-
-def _check_lam(lam: Any) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
-        raise ValueError(f"Invalid lam: {lam} (expected >= 0)")
-    return float(lam)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from neuronwise._utils import evaluating, split_batch
 from neuronwise.distributed import all_reduce_sum
-from neuronwise.entropy import _split_batch
 
 __all__ = ["LandscapeSlice", "Sharpness", "landscape_slice", "sharpness"]
 
@@ -80,7 +80,7 @@ def sharpness(
     params = [p for p in model.parameters() if p.is_floating_point()]
     generator = torch.Generator().manual_seed(seed)
     increases = torch.empty(len(sigmas), draws, dtype=torch.float64)
-    with _evaluating(model), _restoring(params) as saved:
+    with evaluating(model), _restoring(params) as saved:
         masks = [p != 0 if only_nonzero else None for p in saved]
         scales = [_rms(w, m) for w, m in zip(saved, masks)]
         base = loss(model)
@@ -144,7 +144,7 @@ def landscape_slice(
     if alphas.numel() == 0 or not torch.isfinite(alphas).all():
         raise ValueError(f"Invalid alphas: {alphas.tolist()} (expected finite values)")
     losses = torch.empty_like(alphas)
-    with _evaluating(model), _restoring(tensors) as saved:
+    with evaluating(model), _restoring(tensors) as saved:
         if targets is None:
             generator = torch.Generator().manual_seed(seed)
             targets = [_filter_normalized(w, generator, only_nonzero) for w in saved]
@@ -176,7 +176,7 @@ def _mean_cross_entropy(model: nn.Module, loader: Iterable) -> float:
     device = first.device if first is not None else torch.device("cpu")
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
-        inputs, labels = _split_batch(batch)
+        inputs, labels = split_batch(batch)
         logits = model(inputs.to(device))
         totals[0] += nn.functional.cross_entropy(
             logits.float(), labels.to(device), reduction="sum"
@@ -234,17 +234,6 @@ def _interpolation_pairs(
     return [own[n] for n in names], [
         theirs[n].detach().to(own[n].device, own[n].dtype, copy=True) for n in names
     ]
-
-
-@contextmanager
-def _evaluating(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 @contextmanager

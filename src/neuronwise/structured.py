@@ -11,13 +11,16 @@ then removes it physically, and a ``ParameterMask(model, modules, granularity="n
 at zero during fine-tuning. A BatchNorm after a pruned conv is not touched: its channel becomes the
 constant β − γμ/σ, which ``simplify`` folds into the consumers, as for SeReNe's dead neurons.
 
+Another neuron importance (:mod:`neuronwise.pruning.importance`, e.g. ``neuron_taylor``) can replace
+the L1 norm: ``importance`` maps a layer to one score per neuron, the lowest pruned first.
+
 Two scopes:
 
 - ``"layer"`` (default): in each layer l, the round(fraction·N_l) lowest-scored neurons are
   pruned — one uniform ratio for every layer (Torch-Pruning's default; Li et al. pick per-layer
   ratios by a sensitivity analysis, which a caller can emulate with ``ignore`` and several calls);
   every layer keeps at least one neuron.
-- ``"global"``: scores are divided by the mean score of the layer's alive neurons (raw L1 norms
+- ``"global"``: scores are divided by the mean non-zero score of the layer (raw L1 norms
   are not comparable across layers of different fan-in and scale; the mean is Torch-Pruning's
   ``normalizer="mean"``), and the round(fraction·Σ_l N_l) lowest are pruned over all layers, the
   highest-scored neuron of each layer excepted (no layer collapses).
@@ -36,7 +39,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .pruning import ParameterMask, _check_mask
+from ._utils import find_classifier
+from .masks import ParameterMask, check_mask
+from .pruning.importance import NeuronImportance, neuron_l1, neuron_scores
 
 SCOPES = ("layer", "global")
 STRUCTURED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -51,7 +56,7 @@ def _prunable_layers(
     if not layers:
         raise ValueError("Invalid model: it has no Linear or Conv2d layer")
     if ignore is None:
-        ignored = {id(layers[-1][1])}
+        ignored = {id(find_classifier(model, STRUCTURED_MODULES)[1])}
     else:
         ignore = [ignore] if isinstance(ignore, nn.Module) else list(ignore)
         for module in ignore:
@@ -66,10 +71,6 @@ def _prunable_layers(
     return layers
 
 
-def _row_l1(layer: nn.Module) -> Tensor:
-    return layer.weight.detach().reshape(layer.weight.shape[0], -1).abs().double().sum(dim=1)
-
-
 @torch.no_grad()
 def neuron_l1_norms(
     model: nn.Module, ignore: nn.Module | Iterable[nn.Module] | None = None
@@ -80,7 +81,7 @@ def neuron_l1_norms(
     last one, the classifier). Values are float64 vectors of length ``out_features``/
     ``out_channels``; a dead neuron scores 0.
     """
-    return {name: _row_l1(layer) for name, layer in _prunable_layers(model, ignore)}
+    return {name: neuron_l1(layer) for name, layer in _prunable_layers(model, ignore)}
 
 
 def _lowest(scores: Tensor, count: int) -> Tensor:
@@ -95,12 +96,14 @@ def l1_structured_prune(
     scope: str = "layer",
     ignore: nn.Module | Iterable[nn.Module] | None = None,
     mask: ParameterMask | None = None,
+    importance: NeuronImportance = neuron_l1,
 ) -> dict[str, int]:
-    """Zero the weight rows and biases of the lowest-L1 neurons until ``fraction`` of them are dead.
+    """Zero the weight rows and biases of the lowest-scored neurons until ``fraction`` are dead.
 
+    Scores s_k = ``importance(layer)`` (default the L1 norm of the incoming weights).
     ``scope="layer"``: round(fraction·N_l) dead neurons in each layer l (at most N_l − 1).
     ``scope="global"``: round(fraction·Σ_l N_l) dead neurons over all layers, ranked by
-    s_k / mean(s of the layer's alive neurons), each layer's best neuron kept. Neurons that are
+    s_k / mean(non-zero s of the layer), each layer's best neuron kept. Neurons that are
     already dead stay dead and count towards the target; nothing is revived. Updates ``mask`` if
     given. Returns the number of alive neurons per pruned layer (by name).
     """
@@ -110,9 +113,9 @@ def l1_structured_prune(
         raise ValueError(f"Invalid fraction: {fraction} (expected a number in [0, 1))")
     if scope not in SCOPES:
         raise ValueError(f"Invalid scope: {scope!r} (expected one of {SCOPES})")
-    mask = _check_mask(mask)
+    mask = check_mask(mask)
     layers = dict(_prunable_layers(model, ignore))
-    scores = {name: _row_l1(layer) for name, layer in layers.items()}
+    scores = {name: neuron_scores(importance, layer) for name, layer in layers.items()}
 
     pruned: dict[str, Tensor] = {}
     if scope == "layer":

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from torch import nn
 
+from neuronwise._utils import find_classifier
 from neuronwise.models.alexnet import AlexNetCifar
 from neuronwise.models.lenet import MLP, LeNet5, LeNet300
 from neuronwise.models.resnet_cifar import (
@@ -98,13 +99,10 @@ def create(
 
 def classifier_name(model: nn.Module) -> str:
     """Name of the classifier head: the last ``nn.Linear`` in ``named_modules()`` order."""
-    name = None
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            name = module_name
-    if name is None:
+    classifier = find_classifier(model)
+    if classifier is None:
         raise ValueError(f"Invalid model: {type(model).__name__} has no nn.Linear classifier")
-    return name
+    return classifier[0]
 
 
 register("alexnet")(AlexNetCifar)

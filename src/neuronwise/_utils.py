@@ -1,0 +1,200 @@
+"""Helpers shared by the library's modules: one home for each, imported by its public name.
+
+Private to the package (the leading underscore of the module), but every name in it is meant to
+be imported across modules: eval-mode contexts, batch splitting, the classifier lookup, argument
+validators, ``foreach`` grouping and neuron counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "by_device_and_dtype",
+    "check_foreach",
+    "check_fraction",
+    "check_int",
+    "check_lam",
+    "check_modules",
+    "check_nonnegative",
+    "clone_state",
+    "evaluating",
+    "find_classifier",
+    "is_number",
+    "layer_neurons",
+    "load_hyperparameters",
+    "split_batch",
+    "use_foreach",
+]
+
+
+# ---------------------------------------------------------------------------------------- modes
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block, then give every module back its own flag.
+
+    Flags are restored per module (submodules may have been in a mode different from the
+    root's), even if the block raises.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A detached copy of a ``state_dict``: every tensor cloned."""
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(inputs, labels)`` from a loader's batch, or a TypeError that says what was found."""
+    if not isinstance(batch, (tuple, list)):
+        raise TypeError(
+            f"Invalid batch: {type(batch).__name__} (expected an (inputs, labels) pair)"
+        )
+    if len(batch) != 2:
+        raise TypeError(
+            f"Invalid batch: {type(batch).__name__} of length {len(batch)} "
+            "(expected an (inputs, labels) pair)"
+        )
+    inputs, labels = batch
+    if not isinstance(inputs, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(
+            f"Invalid batch: ({type(inputs).__name__}, {type(labels).__name__}) "
+            "(expected a pair of tensors)"
+        )
+    return inputs, labels
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def find_classifier(
+    model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear,)
+) -> tuple[str, nn.Module] | None:
+    """The classifier head: the last module of ``types`` in ``named_modules()`` order, or None.
+
+    The one convention of the library (``models.classifier_name``, NEq's default exclusion,
+    PSP-entropy's class count, the structured pruner's output layer).
+    """
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+            found = (name, module)
+    return found
+
+
+def layer_neurons(module: nn.Module) -> int:
+    """Neurons of a layer: output rows/channels of Linear/Conv2d/BatchNorm2d, LayerNorm elements.
+
+    A LayerNorm has one neuron per normalized element, ∏ ``normalized_shape`` (its γ_k, β_k);
+    modules of other types hold none (0).
+    """
+    if isinstance(module, nn.LayerNorm):
+        return math.prod(module.normalized_shape)
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return module.weight.shape[0]
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- foreach
+
+
+def use_foreach(foreach: bool | None, tensors: list[Tensor]) -> bool:
+    """Whether to run the ``torch._foreach_*`` kernels: ``foreach``, or by default all on CUDA.
+
+    As torch.optim: the foreach kernels pay off on CUDA; elsewhere they are the plain loop.
+    """
+    return all(t.is_cuda for t in tensors) if foreach is None else foreach
+
+
+def by_device_and_dtype(*lists: list[Tensor]) -> Iterable[tuple[list[Tensor], ...]]:
+    """Split parallel lists into groups sharing the first list's device and dtype (foreach needs it)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
+    for items in zip(*lists):
+        group = groups.setdefault((items[0].device, items[0].dtype), tuple([] for _ in lists))
+        for store, item in zip(group, items):
+            store.append(item)
+    return groups.values()
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+def load_hyperparameters(
+    owner: object, state_dict: Mapping[str, Any], checks: Mapping[str, Callable[[Any], Any]]
+) -> None:
+    """``owner.<name> = check(state_dict[name])`` for every ``name`` of ``checks``, in order.
+
+    A name missing from ``state_dict`` (a checkpoint older than the hyperparameter) keeps the
+    constructor's value, as ``torch.optim`` param groups keep defaults they did not save.
+    """
+    for name, check in checks.items():
+        if name in state_dict:
+            setattr(owner, name, check(state_dict[name]))
+
+
+# ---------------------------------------------------------------------------------------- validators
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})")
+    return value
+
+
+def check_fraction(name: str, value: Any) -> float:
+    if not is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a number in [0, 1])")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    if not is_number(value) or not value >= 0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected >= 0)")
+    return float(value)
+
+
+def check_lam(lam: Any) -> float:
+    """The regularization strength λ: a finite number ≥ 0."""
+    if not is_number(lam) or not 0 <= lam < math.inf:
+        raise ValueError(f"Invalid lam: {lam!r} (expected >= 0)")
+    return float(lam)
+
+
+def check_foreach(foreach: Any) -> bool | None:
+    if foreach not in (None, True, False):
+        raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
+    return foreach
+
+
+def check_modules(modules: Any) -> tuple[type[nn.Module], ...]:
+    """A non-empty tuple of ``nn.Module`` subclasses (one class is accepted too)."""
+    if isinstance(modules, type):
+        modules = (modules,)
+    modules = tuple(modules)
+    if not modules or not all(isinstance(m, type) and issubclass(m, nn.Module) for m in modules):
+        raise TypeError(f"Invalid modules: {modules!r} (expected a tuple of nn.Module subclasses)")
+    return modules

@@ -1,0 +1,226 @@
+"""Masks that keep pruned parameters at exactly zero, and the parameter sets methods act on.
+
+Convention: a pruning method acts on P, all parameters (weights and biases) of the chosen module
+types (default Linear, Conv2d and BatchNorm2d, the LOBSTER set); W ⊂ P are the tensors named
+``weight`` (BN γ included), from which threshold statistics are taken. A pruned entry is an exact
+zero, and a :class:`ParameterMask` keeps it at zero through any optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from neuronwise._utils import by_device_and_dtype, check_modules, use_foreach
+
+PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+GRANULARITIES = ("params", "neurons")
+
+ParamsLike = nn.Module | Iterable[Tensor] | Iterable[dict]
+
+
+def prunable_parameters(
+    model: nn.Module, modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES
+) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters of every module of a type in ``modules``, in ``named_modules()`` order.
+
+    Names are qualified as in ``model.named_parameters()``; a shared parameter appears once.
+    """
+    modules = check_modules(modules)
+    seen: set[int] = set()
+    named = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, modules):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                named.append((f"{module_name}.{name}" if module_name else name, param))
+    return named
+
+
+def resolve_parameters(
+    model_or_params: ParamsLike, modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES
+) -> list[Tensor]:
+    """The tensors a method acts on: a model's prunable parameters, or the given parameters.
+
+    Accepts an ``nn.Module`` (parameters of ``modules``), or, like ``torch.optim``, an iterable of
+    tensors or of param-group dicts (only their ``"params"`` are used; ``modules`` is ignored).
+    """
+    if isinstance(model_or_params, nn.Module):
+        params = [p for _, p in prunable_parameters(model_or_params, modules)]
+        if not params:
+            raise ValueError(
+                f"Invalid model: it has no parameters in modules of type {check_modules(modules)}"
+            )
+        return params
+    if isinstance(model_or_params, Tensor):
+        raise TypeError(
+            "Invalid params: a single Tensor (expected an iterable of tensors or dicts)"
+        )
+    params, seen = [], set()
+    for item in model_or_params:
+        group = item["params"] if isinstance(item, dict) else item
+        for p in [group] if isinstance(group, Tensor) else group:
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"Invalid params: element of type {type(p).__name__} (expected Tensor)"
+                )
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    if not params:
+        raise ValueError("Invalid params: empty (expected at least one tensor)")
+    return params
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The in-place modification counter of ``tensor``; None for inference tensors (no counter)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+class ParameterMask:
+    """Keeps pruned parameters at exactly zero.
+
+    ``granularity="params"`` (default, official LOBSTER): mask = (p ≠ 0) per entry.
+    ``granularity="neurons"`` (SeReNe): a neuron, i.e. an output row of a Linear/Conv2d weight with
+    its bias entry, is masked when its weight row is all zero (all entries == 0, METHODS.md §3
+    DECISION; the official code tests ``sum == 0``). Other entries of Linear/Conv2d weights and
+    biases stay free, as in the official neuron mask; parameters of other modules (BatchNorm2d)
+    keep per-entry masks. ``"neurons"`` needs the model, to pair weights with biases.
+
+    The mask changes only in :meth:`update` (rebuilt from the current zeros). Call :meth:`apply`
+    after every optimizer step, or :meth:`attach` the mask to the optimizer: re-applying it after
+    each step is what makes momentum, weight decay and Adam moments unable to move pruned entries.
+
+    ``masks`` are boolean; :meth:`apply` multiplies by cached copies in the parameters' dtype
+    (multiplying a float tensor by a bool one is several times slower on CPU) and skips tensors
+    with nothing masked. The cache follows any change of ``masks``, in place or reassigned.
+    """
+
+    def __init__(
+        self,
+        model_or_params: ParamsLike,
+        modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
+        granularity: str = "params",
+    ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"Invalid granularity: {granularity!r} (expected one of {GRANULARITIES})"
+            )
+        if granularity == "neurons" and not isinstance(model_or_params, nn.Module):
+            raise ValueError(
+                "Invalid granularity: 'neurons' needs a model (to pair weight rows with biases), "
+                f"got {type(model_or_params).__name__}"
+            )
+        self.granularity = granularity
+        self.params = resolve_parameters(model_or_params, modules)
+        # (index of a Linear/Conv2d weight, index of its bias or None) within self.params
+        self._neurons: list[tuple[int, int | None]] = []
+        if granularity == "neurons":
+            index = {id(p): i for i, p in enumerate(self.params)}
+            for module in model_or_params.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module.weight) in index:
+                    bias = module.bias
+                    bias_index = index.get(id(bias)) if bias is not None else None
+                    self._neurons.append((index[id(module.weight)], bias_index))
+        self.masks = []
+        self.update()
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return self._masks
+
+    @masks.setter
+    def masks(self, masks: list[Tensor]) -> None:
+        self._masks = masks
+        self._factors: list[Tensor | None] = []
+        self._factors_key: list[tuple[int, int | None]] = []
+
+    def _current_factors(self) -> list[Tensor | None]:
+        """Per parameter: its mask in the parameter's dtype, or None where nothing is masked."""
+        key = [(id(mask), _version(mask)) for mask in self._masks]
+        if None in (version for _, version in key) or key != self._factors_key:
+            self._factors = [None if bool(mask.all()) else mask.to(p.dtype)
+                             for p, mask in zip(self.params, self._masks)]
+            self._factors_key = key
+        return self._factors
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Rebuild the mask from the parameters' current zeros."""
+        masks = [p != 0 for p in self.params]
+        for weight_index, bias_index in self._neurons:
+            weight = self.params[weight_index]
+            alive = (weight.reshape(weight.shape[0], -1) != 0).any(dim=1)
+            row_shape = (-1,) + (1,) * (weight.dim() - 1)
+            masks[weight_index] = alive.view(row_shape).expand_as(weight).clone()
+            if bias_index is not None:
+                masks[bias_index] = alive.clone()
+        self.masks = masks
+
+    @torch.no_grad()
+    def apply(self, foreach: bool | None = None) -> None:
+        """Zero the masked entries: ``p.mul_(mask)``."""
+        pairs = [(p, f) for p, f in zip(self.params, self._current_factors()) if f is not None]
+        if not pairs:
+            return
+        params, factors = (list(t) for t in zip(*pairs))
+        if use_foreach(foreach, params):
+            for group_params, group_factors in by_device_and_dtype(params, factors):
+                torch._foreach_mul_(group_params, group_factors)
+        else:
+            for p, factor in pairs:
+                p.mul_(factor)
+
+    @torch.no_grad()
+    def violations(self) -> int:
+        """How many masked entries are non-zero (0 while the mask is applied after every step)."""
+        return sum(int(((p != 0) & ~mask).sum()) for p, mask in zip(self.params, self.masks))
+
+    @torch.no_grad()
+    def zero_grads(self) -> None:
+        """Zero the gradients of masked entries (optional: :meth:`apply` alone keeps them at 0)."""
+        for p, factor in zip(self.params, self._current_factors()):
+            if p.grad is not None and factor is not None:
+                p.grad.mul_(factor)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Re-apply the mask after every ``optimizer.step()``; returns the hook's removable handle."""
+        return optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"granularity": self.granularity, "masks": [m.clone() for m in self.masks]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["granularity"] != self.granularity:
+            raise ValueError(
+                f"Invalid granularity: {state_dict['granularity']!r} in state_dict "
+                f"(this mask has {self.granularity!r})"
+            )
+        masks = state_dict["masks"]
+        if len(masks) != len(self.params):
+            raise ValueError(f"Invalid masks: {len(masks)} tensors (expected {len(self.params)})")
+        for i, (mask, p) in enumerate(zip(masks, self.params)):
+            if mask.shape != p.shape:
+                raise ValueError(
+                    f"Invalid masks[{i}]: shape {tuple(mask.shape)} (expected {tuple(p.shape)})"
+                )
+        self.masks = [m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, self.params)]
+
+
+def check_mask(mask: Any) -> ParameterMask | None:
+    """``mask`` itself if it is a :class:`ParameterMask` or None, else a TypeError."""
+    if mask is not None and not isinstance(mask, ParameterMask):
+        raise TypeError(f"Invalid mask: {type(mask).__name__} (expected ParameterMask or None)")
+    return mask
