@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from neuronwise.transformer.groups import AttentionHeads, attention_heads, ffn_layers
 from neuronwise.transformer.modules import (
     AddConstant,
     Attention,
@@ -52,12 +53,6 @@ from neuronwise.transformer.modules import (
 __all__ = ["compose_kept", "simplify_transformer"]
 
 Kept = dict[str, tuple[str, tuple[Tensor, ...] | None]]
-
-ELEMENTWISE = (
-    nn.GELU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
-)  # fmt: skip
-_PASSTHROUGH = (nn.Dropout, nn.Identity)
 
 
 def simplify_transformer(
@@ -243,15 +238,14 @@ def _zero_rows(weight: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- attention
 
 
-def _as_attention(module: nn.Module) -> Attention | MultiheadAttention | None:
-    """The equivalent rebuildable module, with all heads, or None if ``module`` is not one."""
+def _as_attention(module: nn.Module, heads: AttentionHeads) -> Attention | MultiheadAttention:
+    """Our module equivalent to the recognised attention ``module``, with all its heads."""
+    if isinstance(module, MultiheadAttention):
+        return copy.deepcopy(module)
     if isinstance(module, nn.MultiheadAttention):
-        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
-            return None
-        embed, heads = module.embed_dim, module.num_heads
         new = MultiheadAttention(
-            embed, heads, embed // heads, module.in_proj_bias is not None, module.dropout,
-            module.batch_first,
+            module.embed_dim, heads.num_heads, heads.head_dim, module.in_proj_bias is not None,
+            module.dropout, module.batch_first,
         )  # fmt: skip
         new.to(module.in_proj_weight)
         new.in_proj.weight = nn.Parameter(module.in_proj_weight.detach().clone())
@@ -259,19 +253,11 @@ def _as_attention(module: nn.Module) -> Attention | MultiheadAttention | None:
             new.in_proj.bias = nn.Parameter(module.in_proj_bias.detach().clone())
         new.out_proj.load_state_dict(module.out_proj.state_dict())
         return new
-    qkv, proj, heads = (getattr(module, a, None) for a in ("qkv", "proj", "num_heads"))
-    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
-        return None
-    if heads < 1 or qkv.out_features % (3 * heads) or proj.out_features != qkv.in_features:
-        return None
-    head_dim = qkv.out_features // (3 * heads)
-    own = {id(p) for p in (*qkv.parameters(), *proj.parameters())}
-    if proj.in_features != heads * head_dim or any(id(p) not in own for p in module.parameters()):
-        return None
+    qkv, proj = module.qkv, module.proj
     drop = getattr(module, "attn_drop", 0.0)
     new = Attention(
-        qkv.in_features, heads, head_dim, qkv.bias is not None,
-        float(getattr(module, "scale", head_dim**-0.5)),
+        qkv.in_features, heads.num_heads, heads.head_dim, qkv.bias is not None,
+        float(getattr(module, "scale", heads.head_dim**-0.5)),
         drop.p if isinstance(drop, nn.Dropout) else float(drop),
     )  # fmt: skip
     if isinstance(getattr(module, "proj_drop", None), nn.Module):
@@ -285,8 +271,11 @@ def _as_attention(module: nn.Module) -> Attention | MultiheadAttention | None:
 def _attention_pass(
     name: str, module: nn.Module, call: tuple[tuple, dict], kept: Kept
 ) -> nn.Module | None:
-    new = _as_attention(module)
-    if new is None or not _same_function(module, new, call):
+    info = attention_heads(name, module)
+    if info is None:
+        return None
+    new = _as_attention(module, info)
+    if not _same_function(module, new, call):
         return None
     torch_layout = isinstance(new, MultiheadAttention)
     in_name, out_name = ("in_proj", "out_proj") if torch_layout else ("qkv", "proj")
@@ -298,7 +287,8 @@ def _attention_pass(
     dead = (value_dead | unused).tolist()
     if not any(dead):
         # A foreign timm-style module becomes ours: same names, and traceable by torch.fx.
-        return module if isinstance(module, (Attention, nn.MultiheadAttention)) else new
+        ours = (Attention, MultiheadAttention, nn.MultiheadAttention)
+        return module if isinstance(module, ours) else new
     p64 = proj.weight.detach().double()
     bias = torch.zeros(proj.out_features, dtype=torch.float64, device=p64.device)
     if proj.bias is not None:
@@ -310,20 +300,15 @@ def _attention_pass(
                 bias = bias + p64[:, h * d : (h + 1) * d] @ v_bias[h]
     keep = [h for h in range(heads) if not dead[h]]
     prefix = f"{name}." if name else ""
-    # Old names: nn.MultiheadAttention's packed projection is in_proj_weight / in_proj_bias.
-    old_in = [
-        f"{prefix}in_proj_{p}" if torch_layout else f"{prefix}qkv.{p}" for p in ("weight", "bias")
-    ]
     out_names = [f"{prefix}{out_name}.{p}" for p in ("weight", "bias")]
-    source = out_names[0] if proj.bias is None else out_names[1]
+    source = info.out_weight if info.out_bias is None else info.out_bias
     folded = proj.bias is None or not torch.equal(bias, proj.bias.detach().double())
     if not keep:
         value = bias.to(proj.weight.dtype)
         result = ConstantBranch(value.view(_broadcast(call[0][0], value.numel())), torch_layout)
         return _accept(module, result, call, kept, {prefix + "value": (source, None)})
     device = p64.device
-    rows = _index([p * inner + h * d + i for p in range(3) for h in keep for i in range(d)], device)
-    cols = _index([h * d + i for h in keep for i in range(d)], device)
+    rows, cols = info.rows(keep).to(device), info.columns(keep).to(device)
     all_in = _index(list(range(layer_in.in_features)), device)
     all_out = _index(list(range(proj.out_features)), device)
     result = copy.deepcopy(new)
@@ -333,10 +318,10 @@ def _attention_pass(
     new_out.bias = nn.Parameter(bias.to(proj.weight.dtype))
     setattr(result, in_name, new_in)
     setattr(result, out_name, new_out)
-    entries: Kept = {f"{prefix}{in_name}.weight": (old_in[0], (rows, all_in))}
-    if layer_in.bias is not None:
-        entries[f"{prefix}{in_name}.bias"] = (old_in[1], (rows,))
-    entries[out_names[0]] = (out_names[0], (all_out, cols))
+    entries: Kept = {f"{prefix}{in_name}.weight": (info.in_weight, (rows, all_in))}
+    if info.in_bias is not None:
+        entries[f"{prefix}{in_name}.bias"] = (info.in_bias, (rows,))
+    entries[out_names[0]] = (info.out_weight, (all_out, cols))
     entries[out_names[1]] = (source, None) if folded else (source, ())
     return _accept(module, result, call, kept, entries)
 
@@ -344,36 +329,10 @@ def _attention_pass(
 # ----------------------------------------------------------------------------- FFN
 
 
-def _ffn_layers(module: nn.Module) -> tuple[str, str, nn.Module] | None:
-    """(fc1 name, fc2 name, activation) of an FFN ``module``, or None."""
-    if isinstance(module, nn.Sequential):
-        children = list(module.named_children())
-        linears = [i for i, (_, m) in enumerate(children) if isinstance(m, nn.Linear)]
-        if len(linears) != 2 or linears[0] != 0:
-            return None
-        between = [m for _, m in children[1 : linears[1]] if not isinstance(m, _PASSTHROUGH)]
-        after = [m for _, m in children[linears[1] + 1 :]]
-        if len(between) > 1 or any(not isinstance(m, ELEMENTWISE) for m in between):
-            return None
-        if any(not isinstance(m, _PASSTHROUGH) for m in after):
-            return None
-        act = between[0] if between else nn.Identity()
-        return children[0][0], children[linears[1]][0], act
-    fc1, fc2, act = (getattr(module, a, None) for a in ("fc1", "fc2", "act"))
-    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
-        return None
-    if not isinstance(act, ELEMENTWISE) or fc1.out_features != fc2.in_features:
-        return None
-    own = {id(p) for p in (*fc1.parameters(), *fc2.parameters())}
-    if any(id(p) not in own for p in module.parameters()):
-        return None
-    return "fc1", "fc2", act
-
-
 def _ffn_pass(
     name: str, module: nn.Module, call: tuple[tuple, dict], kept: Kept
 ) -> nn.Module | None:
-    layers = _ffn_layers(module)
+    layers = ffn_layers(module)
     if layers is None:
         return None
     fc1_name, fc2_name, act = layers
