@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import distributed, metrics
 from ._utils import evaluating, find_classifier, is_number, layer_neurons
 from .neq_backward import ActiveRowsHook, supports_active_rows
+from .transformer.groups import AttentionHeads, neuron_groups
 
 HOOKED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Linear)
 VELOCITIES = ("paper", "official")
@@ -34,6 +35,23 @@ def _channels(module: nn.Module, output: Tensor) -> Tensor:
         return output
     # Linear and LayerNorm put neurons last; the middle dims (tokens, positions) are positions.
     return output.reshape(n, -1, layer_neurons(module)).transpose(1, 2)
+
+
+def _head_channels(heads: AttentionHeads, output: Tensor) -> Tensor:
+    """Attention output before the output projection (N, …, H·d) as (N, H, positions·d)."""
+    n = output.shape[0]
+    per_head = output.reshape(n, -1, heads.num_heads, heads.head_dim).transpose(1, 2)
+    return per_head.reshape(n, heads.num_heads, -1)
+
+
+class _HeadOutputs:
+    """Forward pre-hook on an output projection handing its input (the heads' outputs) on."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.hook(module, args, args[0])
 
 
 def cosine(dot: Tensor, norm_a: Tensor, norm_b: Tensor) -> Tensor:
@@ -67,6 +85,10 @@ class NEq:
     frozen set (recomputed each epoch; ``pinning`` keeps frozen neurons frozen). ``selection``
     ``"random"``/``"topk"`` instead freeze ⌊(1 − p)·C_l⌋ neurons per layer, p = ``trained_fraction``,
     drawn uniformly or with the smallest |v|.
+
+    An attention in-projection (:mod:`neuronwise.transformer.groups`) has heads as neurons: y is
+    head h's output (the output projection's input columns of h, over tokens and its d dimensions)
+    and freezing h freezes its q, k and v rows.
 
     A frozen neuron's parameters (weight row, bias entry; BN/LN γ_k, β_k) get, with :meth:`attach`
     (``mode="optim"``, SGD/Adam/AdamW): no gradient, no weight decay, momentum / Adam first moment
@@ -162,6 +184,13 @@ class NEq:
         self.batch_size = batch_size
         self.skip_frozen_grads = bool(skip_frozen_grads)
         self.modules = self._select_modules(layers, exclude)
+        # A hooked attention in-projection is frozen per head: q, k, v rows together, by the
+        # similarity of the head's output (the output projection's input columns).
+        self._heads = {
+            g.in_module: g
+            for g in neuron_groups(self.model)
+            if isinstance(g, AttentionHeads) and g.in_module in self.modules
+        }
 
         self._generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
@@ -174,6 +203,10 @@ class NEq:
         self._skip_handles: list[Any] = []
         self._skip_params: list[nn.Parameter] = []
         self.start()
+
+    def _neurons(self, name: str) -> int:
+        heads = self._heads.get(name)
+        return layer_neurons(self.modules[name]) if heads is None else heads.num_heads
 
     def _select_modules(self, layers, exclude) -> dict[str, nn.Module]:
         named = dict(self.model.named_modules())
@@ -220,7 +253,10 @@ class NEq:
 
         def hook_for(name: str):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-                current = _channels(module, output)
+                heads = self._heads.get(name)
+                current = (
+                    _channels(module, output) if heads is None else _head_channels(heads, output)
+                )
                 if name not in outputs:
                     outputs[name] = current.new_empty((total, *current.shape[1:]))
                     seen[name] = 0
@@ -255,7 +291,14 @@ class NEq:
 
             return hook
 
-        handles = [m.register_forward_hook(hook_for(name)) for name, m in self.modules.items()]
+        handles = [
+            m.register_forward_hook(hook_for(name))
+            if name not in self._heads
+            else self.model.get_submodule(self._heads[name].out_module).register_forward_pre_hook(
+                _HeadOutputs(hook_for(name))
+            )
+            for name, m in self.modules.items()
+        ]
         device = next(self.model.parameters()).device
         try:
             with evaluating(self.model):
@@ -289,7 +332,7 @@ class NEq:
         self.history = []
         self.similarity, self.velocity, self.carry, self.frozen = {}, {}, {}, {}
         for name, module in self.modules.items():
-            n = layer_neurons(module)
+            n = self._neurons(name)
             self.similarity[name] = torch.ones(n, dtype=torch.float64, device=module.weight.device)
             self.velocity[name] = torch.zeros_like(self.similarity[name])
             self.carry[name] = torch.zeros_like(self.similarity[name])
@@ -344,8 +387,11 @@ class NEq:
             index = self.frozen[name].nonzero().flatten()
             if index.numel() == 0:
                 continue
+            neurons = layer_neurons(module)
+            if name in self._heads:
+                index = self._heads[name].rows(index.cpu())
             for param in module.parameters(recurse=False):
-                rows.append((param, layer_neurons(module), index.to(param.device), id(param) in skipped))
+                rows.append((param, neurons, index.to(param.device), id(param) in skipped))
         return rows
 
     def attach(self, optimizer: torch.optim.Optimizer) -> _Handles:
@@ -441,7 +487,10 @@ class NEq:
                         param.requires_grad_(False)
                         self._skip_params.append(param)
             elif bool(frozen.any()) and supports_active_rows(module):
-                active = (~frozen).nonzero().flatten().to(module.weight.device)
+                active = (~frozen).nonzero().flatten()
+                if name in self._heads:
+                    active = self._heads[name].rows(active.cpu())
+                active = active.to(module.weight.device)
                 # Prepended, so that other forward hooks see the re-rooted output.
                 self._skip_handles.append(
                     module.register_forward_hook(
@@ -475,7 +524,7 @@ class NEq:
         if not self.history:
             return {name: 0.0 for name in self.modules}
         counts = torch.tensor(self.history, dtype=torch.float64).mean(0)
-        return {name: float(c) / layer_neurons(m) for (name, m), c in zip(self.modules.items(), counts)}
+        return {name: float(c) / self._neurons(name) for name, c in zip(self.modules, counts)}
 
     def trained_neurons(self, average: bool = False) -> float:
         r"""Σ_l N_l (1 − f_l) over every Conv2d/BatchNorm2d/LayerNorm/Linear of the model.

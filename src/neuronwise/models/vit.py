@@ -7,7 +7,7 @@ LayerNorm, the mean over tokens and the ``classifier``. The attention is timm's 
 ``proj``) or, with ``attention="torch"``, ``nn.MultiheadAttention``. The MLP is fc1 → GELU → fc2.
 
 Defaults (patch 7, width 128, 6 blocks, 4 heads, MLP ratio 4) on 1×28×28: 16 tokens,
-1,196,810 parameters (10 classes).
+1,199,626 parameters (10 classes).
 """
 
 from __future__ import annotations

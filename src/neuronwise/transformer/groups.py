@@ -67,6 +67,14 @@ class AttentionHeads:
         """A per-row quantity of the in-projection (3·H·d, …) viewed as (3, H, d, …)."""
         return rows.view(3, self.num_heads, self.head_dim, *rows.shape[1:])
 
+    def value_mean(self, rows: Tensor) -> Tensor:
+        """Per head (H,): the mean of a per-row quantity (3·H·d,) over the head's value rows."""
+        return self.per_head(rows)[2].mean(dim=1)
+
+    def to_rows(self, heads: Tensor) -> Tensor:
+        """A per-head quantity (H,) repeated on each of the head's q, k and v rows (3·H·d,)."""
+        return heads.view(1, -1, 1).expand(3, self.num_heads, self.head_dim).reshape(-1)
+
 
 @dataclass(frozen=True)
 class FeedForwardUnits:
