@@ -289,3 +289,16 @@ def test_kept_composes_with_simplify_and_moves_optimizer_state():
     assert torch.equal(opt.state[qkv]["exp_avg"], old_avg[rows])
     assert kept["blocks.0.attn.proj.bias"][1] is None  # value bias folded: state starts afresh
     assert kept["blocks.1.bias"][1] is None
+
+
+@pytest.mark.xfail(
+    strict=True, reason="hand-off: nw.simplify starts with simplify_transformer once merged"
+)
+def test_nw_simplify_removes_heads_with_no_manual_step():
+    model = kill_vit_parts(vit("sdpa"))
+    example = torch.zeros(1, 1, 28, 28)
+    small = nw.simplify(model, example)
+    assert small.get_parameter("blocks.0.attn.qkv.weight").shape == (3 * 24, 32)
+    assert n_params(small) < n_params(model)
+    x = torch.randn(2, 1, 28, 28)
+    assert_close(model(x), small(x))
