@@ -15,7 +15,7 @@ interleaved round after round, the order alternating; medians over rounds. Colum
 - ``(a) §5``: METHODS §5's FLOPs accounting, backward = 2 × forward per layer × (1 − frozen
   fraction): both the weight- and the input-gradient work of a frozen neuron count as saved.
 - ``(b)``: the physically avoidable share of the backward autograd runs
-  (``neuronwise.neq_backward.avoidable_backward_flops``): weight-gradient FLOPs of frozen neurons
+  (``neuronwise.neq.backward.avoidable_backward_flops``): weight-gradient FLOPs of frozen neurons
   plus input-gradient FLOPs that no trainable parameter upstream needs.
 - ``wall/(b)``, ``CPU/(b)``: how much of (b) the fast path realises.
 
@@ -46,7 +46,7 @@ from torch import nn
 
 from neuronwise import metrics, models
 from neuronwise.neq import NEq
-from neuronwise.neq_backward import ActiveRowsGrad, avoidable_backward_flops, split_pays
+from neuronwise.neq.backward import ActiveRowsGrad, avoidable_backward_flops, split_pays
 
 SETUPS = {
     "lenet300": {"in_channels": 1, "image_size": 28},

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuronwise import neq as neq_module
+from neuronwise import distributed
 from neuronwise.neq import NEq, cosine
-from neuronwise.neq_backward import ActiveRowsHook
+from neuronwise.neq.backward import ActiveRowsHook
 
 
 def small_net() -> nn.Sequential:
@@ -102,7 +102,7 @@ def test_similarity_invariant_under_replicated_validation_on_two_ranks(monkeypat
             # Two ranks holding the same Ξ: every reduced sum (and count) doubles.
             calls = []
             monkeypatch.setattr(
-                neq_module.distributed, "all_reduce_sum", lambda t: calls.append(1) or t.mul_(2)
+                distributed, "all_reduce_sum", lambda t: calls.append(1) or t.mul_(2)
             )
             neq.step()
             assert calls

@@ -11,7 +11,7 @@ from torch import nn
 
 from neuronwise import models
 from neuronwise.neq import NEq
-from neuronwise.neq_backward import (
+from neuronwise.neq.backward import (
     ActiveRowsGrad,
     ActiveRowsHook,
     avoidable_backward_flops,

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from neuronwise import metrics
 from neuronwise._utils import (
     by_device_and_dtype,
     check_fraction,
@@ -14,6 +15,7 @@ from neuronwise._utils import (
     layer_neurons,
     split_batch,
 )
+from neuronwise.neq import NEq
 
 
 def test_evaluating_restores_each_module_flag_even_on_error():
@@ -69,3 +71,12 @@ def test_validators():
         check_fraction("f", 1.5)
     with pytest.raises(ValueError, match="Invalid lam: inf"):
         check_lam(float("inf"))
+
+
+def test_layernorm_neurons_are_counted_one_way_by_neq_and_metrics():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.LayerNorm((2, 3)),
+                          nn.Flatten(), nn.Linear(6, 2))
+    neq = NEq(model, torch.randn(3, 4))
+    assert neq.frozen["2"].numel() == 6
+    assert metrics.count_neurons(model, "neq")["2"] == (6, 6)
+    assert neq.trained_neurons() == metrics.count_neurons(model, "neq")["total"][0]

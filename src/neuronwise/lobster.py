@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neuronwise._utils import by_device_and_dtype, check_foreach, check_lam, use_foreach
+from neuronwise._utils import (
+    by_device_and_dtype,
+    check_foreach,
+    check_lam,
+    load_hyperparameters,
+    use_foreach,
+)
 from neuronwise.masks import (
     PRUNABLE_MODULES,
     ParameterMask,
@@ -114,19 +120,25 @@ class Lobster:
         self.mask.apply(foreach=foreach)
 
     def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters (``lam``, ``scale_by_lr``, ``lr``, ``rescaled``, ``foreach``) and mask."""
         return {
             "lam": self.lam,
             "scale_by_lr": self.scale_by_lr,
             "lr": self.lr,
             "rescaled": self.rescaled,
+            "foreach": self.foreach,
             "mask": self.mask.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.lam = check_lam(state_dict["lam"])
-        self.scale_by_lr = bool(state_dict["scale_by_lr"])
-        self.lr = _check_lr(state_dict["lr"], self.scale_by_lr)
-        self.rescaled = bool(state_dict["rescaled"])
+        """Restore :meth:`state_dict`; a hyperparameter it lacks (older states) keeps its value."""
+        load_hyperparameters(self, state_dict, {
+            "lam": check_lam,
+            "scale_by_lr": bool,
+            "lr": lambda lr: _check_lr(lr, self.scale_by_lr),
+            "rescaled": bool,
+            "foreach": check_foreach,
+        })
         self.mask.load_state_dict(state_dict["mask"])
 
 

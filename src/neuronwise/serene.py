@@ -7,7 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import by_device_and_dtype, check_foreach, check_lam, use_foreach
+from ._utils import (
+    by_device_and_dtype,
+    check_foreach,
+    check_lam,
+    load_hyperparameters,
+    use_foreach,
+)
 from .masks import ParameterMask, check_mask
 from .sensitivity import VARIANTS, NeuronActivations, neuron_sensitivity
 from .transformer.groups import AttentionHeads, neuron_groups
@@ -68,10 +74,8 @@ class SeReNe:
         mask: ParameterMask | None = None,
     ):
         self.lam = check_lam(lam)
-        if variant not in VARIANTS:
-            raise ValueError(f"Invalid variant: {variant!r} (expected one of {VARIANTS})")
+        self.variant = _check_variant(variant)
         self.foreach = check_foreach(foreach)
-        self.variant = variant
         self.activations = NeuronActivations(model, modules)
         self.mask = check_mask(mask) or ParameterMask(model, modules)
         groups = neuron_groups(model)
@@ -138,33 +142,40 @@ class SeReNe:
         self.activations.remove()
 
     def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters (``lam``, ``variant``, ``foreach``), pending sensitivity sums, mask."""
         return {
             "lam": self.lam,
             "variant": self.variant,
+            "foreach": self.foreach,
             "sums": {k: v.clone() for k, v in self._sums.items()},
             "count": self._count,
             "mask": self.mask.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = {"lam", "variant", "sums", "count", "mask"} - set(state_dict)
+        """Restore :meth:`state_dict`; a hyperparameter it lacks (older states) keeps its value."""
+        missing = {"sums", "count", "mask"} - set(state_dict)
         if missing:
             raise ValueError(f"Invalid SeReNe state_dict: missing keys {sorted(missing)}")
-        if state_dict["variant"] not in VARIANTS:
-            raise ValueError(
-                f"Invalid variant: {state_dict['variant']!r} (expected one of {VARIANTS})"
-            )
         unknown = set(state_dict["sums"]) - set(self.activations.modules)
         if unknown:
             raise ValueError(
                 f"Invalid SeReNe state_dict: modules {sorted(unknown)} are not regularized here"
             )
-        self.lam = check_lam(state_dict["lam"])
+        load_hyperparameters(self, state_dict, {
+            "lam": check_lam,
+            "variant": _check_variant,
+            "foreach": check_foreach,
+        })
         self.mask.load_state_dict(state_dict["mask"])
-        self.variant = state_dict["variant"]
         self._count = int(state_dict["count"])
         self._sums = {
             k: v.clone().to(self.activations.modules[k].weight.device)
             for k, v in state_dict["sums"].items()
         }
 
+
+def _check_variant(variant: Any) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"Invalid variant: {variant!r} (expected one of {VARIANTS})")
+    return variant

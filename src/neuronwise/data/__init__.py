@@ -5,21 +5,12 @@
 >>> loader = data.TensorLoader(train, batch_size=100, shuffle=True, seed=0)
 """
 
+from .catalog import DATASETS, DatasetInfo, FileInfo
 from .dataset import ArrayDataset, train_val_split
 from .download import download, fetch
 from .errors import DataError
 from .loader import TensorLoader, random_crop_flip
-from .registry import (
-    DATASETS,
-    DatasetInfo,
-    FileInfo,
-    FileStatus,
-    load,
-    load_image_folder,
-    resolve_root,
-    status,
-    verify,
-)
+from .registry import FileStatus, load, load_image_folder, resolve_root, status, verify
 
 __all__ = [
     "DATASETS",

@@ -14,8 +14,9 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from .catalog import DatasetInfo, FileInfo
 from .errors import DataError
-from .registry import DatasetInfo, FileInfo, file_path, get_info, resolve_root, verify
+from .registry import file_path, get_info, resolve_root, verify
 
 _CHUNK = 1 << 20
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import metrics
+from neuronwise import metrics
 
 # When the split backward beats autograd's, as a cost model in multiply-adds fitted on CPU
 # (AVX-512, one thread, batch 32 and 100; benchmarks/neq_backward.py --layers,
@@ -188,6 +188,44 @@ class ActiveRowsGrad(torch.autograd.Function):
         if not ctx.split:
             grad_w, grad_b = _zero_other_rows(grad_w, active), _zero_other_rows(grad_b, active)
         return None, grad_x, grad_w, grad_b, None, None, None
+
+
+class FrozenGradSkip:
+    """NEq's ``skip_frozen_grads`` on a model, for one epoch's frozen neurons.
+
+    Fully frozen layers: ``requires_grad_(False)`` on their parameters. Partly frozen Conv2d/Linear:
+    an :class:`ActiveRowsHook` that, per forward, splits the backward where :func:`split_pays`
+    and otherwise keeps autograd's own (the optimizer hooks then mask the frozen rows).
+    :meth:`release` undoes both.
+    """
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.params: list[nn.Parameter] = []
+
+    def apply(self, modules: Mapping[str, nn.Module], frozen: Mapping[str, Tensor]) -> None:
+        for name, module in modules.items():
+            mask = frozen[name]
+            if bool(mask.all()):
+                for param in module.parameters(recurse=False):
+                    if param.requires_grad:
+                        param.requires_grad_(False)
+                        self.params.append(param)
+            elif bool(mask.any()) and supports_active_rows(module):
+                active = (~mask).nonzero().flatten().to(module.weight.device)
+                # Prepended, so that other forward hooks see the re-rooted output.
+                self.handles.append(
+                    module.register_forward_hook(
+                        ActiveRowsHook(active, mask_unsplit=False), prepend=True
+                    )
+                )
+
+    def release(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for param in self.params:
+            param.requires_grad_(True)
+        self.handles, self.params = [], []
 
 
 class ActiveRowsHook:
