@@ -8,6 +8,7 @@ from torch import nn
 
 import neuronwise as nw
 from neuronwise.masks import ParameterMask
+from neuronwise.transformer import convert_attention
 from neuronwise.transformer.groups import AttentionHeads, FeedForwardUnits, neuron_groups
 
 
@@ -121,3 +122,19 @@ def test_psp_entropy_counts_ffn_units_over_tokens():
         expected = (z[y == c] > 0).double().mean(dim=(0, 1))
         torch.testing.assert_close(stats.p_on[:, c], expected)
     assert result["blocks.0.attn.qkv"].unit_shape == (16, 48)  # other Linears: unchanged
+
+
+def test_converted_multihead_attention_is_the_same_function_and_hookable():
+    model = small_vit("torch", depth=2).eval()
+    converted = convert_attention(model)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-6)
+    heads = [g for g in neuron_groups(converted) if isinstance(g, AttentionHeads)]
+    assert [g.in_module for g in heads] == ["blocks.0.attn.in_proj", "blocks.1.attn.in_proj"]
+    reg = nw.SeReNe(converted.train(), lam=0.1)
+    reg.compute(converted(x))
+    before = converted.blocks[0].attn.in_proj.weight.detach().clone()
+    reg.step()
+    factor = (converted.blocks[0].attn.in_proj.weight / before).view(3, 4, 4, -1)
+    assert torch.allclose(factor, factor[:, :, :1, :1].expand_as(factor))  # decayed per head
+    assert not torch.allclose(factor, torch.ones_like(factor))

@@ -12,7 +12,7 @@ from neuronwise.transformer.modules import (
     ConstantBranch,
     MultiheadAttention,
 )
-from neuronwise.transformer.simplify import compose_kept, simplify_transformer
+from neuronwise.transformer.simplify import compose_kept, convert_attention, simplify_transformer
 
 __all__ = [
     "AddConstant",
@@ -22,6 +22,7 @@ __all__ = [
     "FeedForwardUnits",
     "MultiheadAttention",
     "compose_kept",
+    "convert_attention",
     "neuron_groups",
     "simplify_transformer",
 ]

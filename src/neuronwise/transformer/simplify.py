@@ -50,7 +50,7 @@ from neuronwise.transformer.modules import (
     MultiheadAttention,
 )
 
-__all__ = ["compose_kept", "simplify_transformer"]
+__all__ = ["compose_kept", "convert_attention", "simplify_transformer"]
 
 Kept = dict[str, tuple[str, tuple[Tensor, ...] | None]]
 
@@ -98,6 +98,22 @@ def simplify_transformer(
     for name, _ in model.named_parameters():
         kept.setdefault(name, (name, ()))
     return (model, kept) if return_kept else model
+
+
+def convert_attention(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each recognised ``nn.MultiheadAttention`` replaced by the
+    equivalent :class:`~neuronwise.transformer.MultiheadAttention`.
+
+    torch's module computes its in-projection from a bare parameter, with no module that forward
+    hooks could see; ours has ``in_proj`` and ``out_proj`` Linears, so SeReNe, NEq and PSP-entropy
+    see each head. The function is the same (``in_proj_weight`` becomes ``in_proj.weight``).
+    """
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        heads = attention_heads(name, module) if name else None
+        if heads is not None and isinstance(module, nn.MultiheadAttention):
+            _set_submodule(model, name, _as_attention(module, heads))
+    return model
 
 
 def compose_kept(first: Kept, second: Kept) -> Kept:
