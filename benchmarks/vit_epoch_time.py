@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 import neuronwise as nw
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], help="model options, e.g. dim=64 depth=4")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    options = {k: type_of(v) for k, v in (item.split("=", 1) for item in args.set)}
+    options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     model = nw.models.create("vit", **options).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     reg = nw.SeReNe(model, lam=1e-4) if args.serene else None
@@ -55,15 +56,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(cpu) / len(cpu) * steps_per_epoch:.0f}; wall s/step {sum(wall) / len(wall):.3f} "
           "(loaded machine)")  # fmt: skip
     return 0
-
-
-def type_of(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 if __name__ == "__main__":

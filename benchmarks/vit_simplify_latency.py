@@ -17,6 +17,7 @@ import argparse
 import sys
 
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import neuronwise as nw
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    options = {k: _number(v) for k, v in (item.split("=", 1) for item in args.set)}
+    options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     dense = nw.models.create("vit", **options).eval()
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -81,15 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{batch:5d}  {t_dense * 1e3:8.3f}  {t_small * 1e3:13.3f}  {t_dense / t_small:7.2f}x"
               f"  ({1 / ratio:.2f}x)")  # fmt: skip
     return 0
-
-
-def _number(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 if __name__ == "__main__":

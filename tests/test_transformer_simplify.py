@@ -302,3 +302,10 @@ def test_nw_simplify_removes_heads_with_no_manual_step():
     assert n_params(small) < n_params(model)
     x = torch.randn(2, 1, 28, 28)
     assert_close(model(x), small(x))
+
+
+def test_invalid_arguments_are_one_line_errors():
+    with pytest.raises(TypeError, match=r"Invalid model: str \(expected torch.nn.Module\)"):
+        simplify_transformer("vit", torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"Invalid example_input: torch.Size\(\[3\]\)"):
+        simplify_transformer(nn.Linear(3, 3), torch.zeros(3))

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from neuronwise._utils import check_model_and_example
 from neuronwise.transformer.groups import AttentionHeads, attention_heads, ffn_layers
 from neuronwise.transformer.modules import (
     AddConstant,
@@ -69,13 +70,7 @@ def simplify_transformer(
             per dimension: ``()`` when unchanged, ``None`` when new or changed in value), the
             format of :func:`neuronwise.simplify` (compose both with :func:`compose_kept`).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Invalid model: {type(model).__name__} (expected torch.nn.Module)")
-    if not isinstance(example_input, Tensor) or example_input.dim() < 2:
-        raise ValueError(
-            f"Invalid example_input: {getattr(example_input, 'shape', example_input)!r} "
-            "(expected a tensor with a batch dimension)"
-        )
+    check_model_and_example(model, example_input)
     model = copy.deepcopy(model).eval()
     calls = _record_calls(model, example_input[:1].detach())
     kept: Kept = {}
