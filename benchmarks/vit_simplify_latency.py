@@ -6,6 +6,8 @@ to zero) or trained (``--checkpoint`` of a run: its ``model`` state dict). Simpl
 ``neuronwise.transformer.simplify_transformer`` then ``neuronwise.simplify``. MACs come from
 ``torch.utils.flop_counter`` (every matmul, attention's included, batch 1, FLOPs / 2). Latency:
 ``neuronwise.latency.measure_latency``, models interleaved, medians; report ratios, not times.
+On a loaded machine wall time mostly measures waiting for a core; ``--clock cpu`` times each
+forward by the process's CPU time instead (one thread: the compute itself), same interleaving.
 
     python benchmarks/vit_simplify_latency.py [--dead-heads 0.5] [--dead-units 0.7] [--set dim=64]
     python benchmarks/vit_simplify_latency.py --checkpoint runs/RUN/last.pt --set dim=64 depth=4
@@ -14,7 +16,9 @@ to zero) or trained (``--checkpoint`` of a run: its ``model`` state dict). Simpl
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 import yaml
@@ -46,6 +50,19 @@ def kill(model: torch.nn.Module, heads: float, units: float, generator: torch.Ge
             model.get_submodule(group.fc1).weight[chosen] = 0
 
 
+@torch.no_grad()
+def cpu_latency(models: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median CPU seconds per forward of each model, timed round-robin after 5 warm-up rounds."""
+    times: list[list[float]] = [[] for _ in models]
+    for round_index in range(5 + repeats):
+        for index, model in enumerate(models):
+            start = time.process_time()
+            model(x)
+            if round_index >= 5:
+                times[index].append(time.process_time() - start)
+    return [statistics.median(t) for t in times]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
@@ -55,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -73,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     params = [sum(p.numel() for p in m.parameters()) for m in (dense, small)]
     ratio = macs(small, example) / macs(dense, example)
     print(f"vit {options or 'defaults'} ({source}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.repeats} interleaved rounds")  # fmt: skip
+          f"{torch.get_num_threads()} thread(s), {args.clock} clock, median of {args.repeats} "
+          "interleaved rounds")  # fmt: skip
     print(f"parameters {params[0]:,} -> {params[1]:,}; MACs ratio {ratio:.3f}; "
           f"max relative output difference {error:.1e}")  # fmt: skip
     print("batch  dense ms  simplified ms  speed-up  (1/MACs ratio)")
     for batch in args.batches:
-        t_dense, t_small = measure_latency([dense, small], x[:batch], repeats=args.repeats)
+        measure = cpu_latency if args.clock == "cpu" else measure_latency
+        t_dense, t_small = measure([dense, small], x[:batch], repeats=args.repeats)
         print(f"{batch:5d}  {t_dense * 1e3:8.3f}  {t_small * 1e3:13.3f}  {t_dense / t_small:7.2f}x"
               f"  ({1 / ratio:.2f}x)")  # fmt: skip
     return 0
