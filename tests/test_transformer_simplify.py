@@ -60,6 +60,8 @@ class Block(nn.Module):
             self.attn = Attention(dim, heads)
         elif attention == "timm":
             self.attn = TimmAttention(dim, heads)
+        elif attention == "ours-mha":
+            self.attn = MultiheadAttention(dim, heads, dim // heads, batch_first=True)
         else:
             self.attn = nn.MultiheadAttention(dim, heads, batch_first=attention == "mha")
         if sequential_ffn:
@@ -71,7 +73,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         h = self.norm1(x)
-        if self.attention == "mha":
+        if self.attention in ("mha", "ours-mha"):
             h = self.attn(h, h, h, need_weights=False)[0]
         elif self.attention == "mha-seq":  # sequence-first, with torch's default need_weights
             h = h.transpose(0, 1)
@@ -86,6 +88,8 @@ def projections(block: Block) -> tuple[nn.Parameter, nn.Parameter | None, nn.Lin
     attn = block.attn
     if isinstance(attn, nn.MultiheadAttention):
         return attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
+    if isinstance(attn, MultiheadAttention):
+        return attn.in_proj.weight, attn.in_proj.bias, attn.out_proj
     return attn.qkv.weight, attn.qkv.bias, attn.proj
 
 
@@ -124,7 +128,7 @@ def assert_close(y: torch.Tensor, z: torch.Tensor) -> None:
     assert (y - z).abs().max() <= 1e-5 * y.abs().max()
 
 
-ATTENTIONS = ["ours", "timm", "mha", "mha-seq"]
+ATTENTIONS = ["ours", "timm", "mha", "mha-seq", "ours-mha"]
 
 
 @settings(max_examples=25, deadline=None)
