@@ -23,18 +23,8 @@ VELOCITIES = ("paper", "official")
 MODES = ("optim", "grad", "restore")
 SELECTIONS = ("threshold", "random", "topk")
 # Saved in state_dict; the attribute of the constructor's ``velocity`` is ``velocity_form``.
-HYPERPARAMETERS = (
-    "eps",
-    "mu",
-    "velocity_form",
-    "warmup",
-    "mode",
-    "selection",
-    "trained_fraction",
-    "pinning",
-    "batch_size",
-    "skip_frozen_grads",
-)
+HYPERPARAMETERS = ("eps", "mu", "velocity_form", "warmup", "mode", "selection", "trained_fraction",
+                   "pinning", "batch_size", "skip_frozen_grads")
 
 
 class NEq:
@@ -126,20 +116,11 @@ class NEq:
             model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         )
         self.val_inputs = val_inputs
-        self._set_hyperparameters(
-            {
-                "eps": eps,
-                "mu": mu,
-                "velocity_form": velocity,
-                "warmup": warmup,
-                "mode": mode,
-                "selection": selection,
-                "trained_fraction": trained_fraction,
-                "pinning": pinning,
-                "batch_size": batch_size,
-                "skip_frozen_grads": skip_frozen_grads,
-            }
-        )
+        self._set_hyperparameters({
+            "eps": eps, "mu": mu, "velocity_form": velocity, "warmup": warmup, "mode": mode,
+            "selection": selection, "trained_fraction": trained_fraction, "pinning": pinning,
+            "batch_size": batch_size, "skip_frozen_grads": skip_frozen_grads,
+        })
         self.modules = self._select_modules(layers, exclude)
         self._heads = {
             g.in_module: g
