@@ -61,7 +61,7 @@ class Block(nn.Module):
         elif attention == "timm":
             self.attn = TimmAttention(dim, heads)
         elif attention == "ours-mha":
-            self.attn = MultiheadAttention(dim, heads, dim // heads, batch_first=True)
+            self.attn = MultiheadAttention(dim, heads, dim // heads)  # sequence-first
         else:
             self.attn = nn.MultiheadAttention(dim, heads, batch_first=attention == "mha")
         if sequential_ffn:
@@ -73,9 +73,9 @@ class Block(nn.Module):
 
     def forward(self, x):
         h = self.norm1(x)
-        if self.attention in ("mha", "ours-mha"):
+        if self.attention == "mha":
             h = self.attn(h, h, h, need_weights=False)[0]
-        elif self.attention == "mha-seq":  # sequence-first, with torch's default need_weights
+        elif self.attention in ("mha-seq", "ours-mha"):  # sequence-first, need_weights=True
             h = h.transpose(0, 1)
             h = self.attn(h, h, h)[0].transpose(0, 1)
         else:
