@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 model = None
                 if name is not None:
                     torch.manual_seed(0)
-                    model = models.create(name).to(device)
+                    model = models.create(name, in_channels=1, image_size=28).to(device)
                 seconds = run(loader, num_batches if repeat else 2, model, device)
                 if repeat:
                     times[kind].append(seconds)

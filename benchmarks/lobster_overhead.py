@@ -51,7 +51,7 @@ def build(name: str) -> nn.Module:
         from neuronwise import models
     except ImportError:
         return _fallback(name)
-    return models.create(name)
+    return models.create(name, in_channels=1, image_size=28)  # the MNIST input it times
 
 
 def _synchronize(device: torch.device) -> None:

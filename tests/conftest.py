@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# On a CPU torch build whose torchvision operators did not load, `import torchvision` fails
+# ("operator torchvision::nms does not exist"), and so does `import lightning`, which imports
+# torchvision whenever it is installed. Importing it once through the integration (which skips the
+# two operator-registration modules) makes every later import in this process succeed.
+if importlib.util.find_spec("torchvision") is not None:
+    from neuronwise.integrations.torchvision import models as _torchvision_models
+
+    _torchvision_models()
 
 # The checkout's sibling ../shared/data holds real MNIST/Fashion-MNIST in development and CI.
 _SIBLING_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

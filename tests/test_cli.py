@@ -157,8 +157,12 @@ def test_serene_run_then_simplify_and_export(tmp_path, capsys):
              "--set", "pruning.granularity=neurons", "--set", "data.batch_size=128"]
     assert run_cli("quickstart", "--run-dir", run, *flags, "--set", "train.epochs=3") == 0
     capsys.readouterr()
-    assert run_cli("simplify", run, "--export", tmp_path / "model.onnx") == 0
+    assert run_cli("simplify", run, "--export", tmp_path / "model.onnx", "--explain") == 0
     out = capsys.readouterr().out
+    explained = out[out.index("dead neurons kept by simplify: "):].splitlines()
+    # Every listed layer line names the blocking node and its reason.
+    assert all(" blocked by " in line for line in explained[1:])
+    assert all(("by output:" in line) == ("model output" in line) for line in explained[1:])
     assert "latency batch 256" in out and (tmp_path / "model.onnx").stat().st_size > 0
     summary = json.loads((run / "simplify.json").read_text())
     assert summary["simplified"]["params_all"] <= summary["dense"]["params_all"]

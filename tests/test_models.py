@@ -42,14 +42,15 @@ NATURAL = [
 ]
 
 
-def _input(options: dict, batch: int = 2) -> torch.Tensor:
-    side = options.get("image_size", 28)
-    return torch.randn(batch, options.get("in_channels", 1), side, side)
+def _input(name: str, options: dict, batch: int = 2) -> torch.Tensor:
+    channels, side = models.default_input(name)
+    side = options.get("image_size", side)
+    return torch.randn(batch, options.get("in_channels", channels), side, side)
 
 
 def _ids(cases):
     return [
-        f"{case[0]}-{case[1].get('variant', '')}{case[1].get('image_size', 28)}" for case in cases
+        f"{case[0]}-{case[1].get('variant', '')}{case[1].get('image_size', '')}" for case in cases
     ]
 
 
@@ -61,7 +62,7 @@ def test_counts_match_methods_table(name, options, paper, every, neurons, mac):
     assert metrics.count_parameters(model, "paper") == paper
     assert metrics.count_parameters(model, "all") == every
     assert metrics.count_neurons(model)["total"] == (neurons, neurons)
-    measured = metrics.macs(model, _input(options, batch=1))
+    measured = metrics.macs(model, _input(name, options, batch=1))
     if isinstance(mac, int):
         assert measured == mac
     else:
@@ -83,7 +84,7 @@ def test_resnet_depth_and_batchnorm_channels(name, blocks, bn_channels):
 @pytest.mark.parametrize(("name", "options"), NATURAL, ids=_ids(NATURAL))
 def test_forward_shape_trace_and_deepcopy(name, options):
     model = models.create(name, **options).eval()
-    x = _input(options)
+    x = _input(name, options)
     y = model(x)
     assert y.shape == (2, options.get("num_classes", 10))
 
@@ -122,9 +123,9 @@ def test_classifier_is_last_linear_and_default_init(name, options):
     [
         ("lenet300", {"in_channels": 3, "image_size": 32}, (3, 32, 32)),
         ("lenet5", {"in_channels": 3, "image_size": 32}, (3, 32, 32)),
-        ("resnet20", {}, (1, 28, 28)),
-        ("vgg16", {"variant": "2L"}, (1, 28, 28)),
-        ("alexnet", {}, (1, 28, 28)),
+        ("resnet20", {"in_channels": 1, "image_size": 28}, (1, 28, 28)),
+        ("vgg16", {"variant": "2L", "in_channels": 1, "image_size": 28}, (1, 28, 28)),
+        ("alexnet", {"in_channels": 1, "image_size": 28}, (1, 28, 28)),
         ("mlp", {"hidden": [5]}, (1, 28, 28)),
     ],
 )
@@ -221,7 +222,7 @@ def test_registry_lists_and_rejects():
     [
         ("lenet5", {"image_size": 15}, r"Invalid image_size: 15 \(lenet5 expects >= 16\)"),
         ("alexnet", {"image_size": 14}, r"Invalid image_size: 14 \(alexnet expects >= 15\)"),
-        ("vgg16", {}, r"Invalid image_size: 28 \(vgg16 '1L' expects >= 32\)"),
+        ("vgg16", {"image_size": 28}, r"Invalid image_size: 28 \(vgg16 '1L' expects >= 32\)"),
         ("vgg16", {"variant": "3L"}, r"Invalid variant: '3L'"),
         ("mlp", {"hidden": (4, 0)}, r"Invalid hidden: \(4, 0\)"),
     ],
@@ -270,3 +271,16 @@ def test_classifier_name_needs_a_linear():
         models.classifier_name(nn.Conv2d(1, 1, 1))
     nested = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     assert models.classifier_name(nested) == "1.0"
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("resnet20", (3, 32, 32)), ("vgg16", (3, 32, 32)), ("alexnet", (3, 32, 32)),
+     ("lenet5", (1, 28, 28)), ("lenet300", (1, 28, 28)), ("mlp", (1, 28, 28))],
+)
+def test_defaults_are_each_models_natural_input(name, shape):
+    assert models.default_input(name) == (shape[0], shape[1])
+    model = models.create(name).eval()
+    assert model(torch.randn(2, *shape)).shape == (2, 10)
+    with pytest.raises(ValueError, match="Unknown model: 'resnet7'"):
+        models.default_input("resnet7")

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from neuronwise.simplify import (
+from neuronwise.structure import (
     BiasMapConv2d,
+    BorderBiasConv2d,
     export_onnx,
     load_simplified,
     remap_optimizer_state,
@@ -186,8 +187,8 @@ def test_flatten_drops_channel_blocks_and_classifier_is_pinned():
     assert_same_function(model, small, torch.randn(16, 1, 28, 28))
 
 
-def test_zero_padding_gives_a_bias_map_and_no_padding_a_bias():
-    for padding, expected in ((1, BiasMapConv2d), (0, nn.Conv2d)):
+def test_zero_padding_gives_a_border_kernel_and_no_padding_a_bias():
+    for padding, expected in ((1, BorderBiasConv2d), (0, nn.Conv2d)):
         model = nn.Sequential(
             nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=padding)
         ).eval()
@@ -199,6 +200,17 @@ def test_zero_padding_gives_a_bias_map_and_no_padding_a_bias():
         assert small.get_submodule("2").in_channels == 2
         # The last layer's outputs are the model output: pinned, so no removal there.
         assert_same_function(model, small, torch.randn(4, 1, 6, 6))
+        # A folded kernel, not a map: any input size.
+        assert_same_function(model, small, torch.randn(4, 1, 9, 7))
+    # Zero-padded average pooling makes the constant itself non-uniform: a bias map.
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.AvgPool2d(3, 1, 1), nn.Conv2d(3, 2, 3, padding=1)
+    ).eval()
+    kill_rows(model[0], [1])
+    small = simplify(model, torch.zeros(1, 1, 6, 6))
+    assert type(small.get_submodule("2")) is BiasMapConv2d
+    assert small.get_submodule("2").bias_map.shape == (2, 6, 6)
+    assert_same_function(model, small, torch.randn(4, 1, 6, 6))
 
 
 def test_pinned_modules_keep_dead_rows():
@@ -214,18 +226,21 @@ def test_pinned_modules_keep_dead_rows():
 
 
 def test_unknown_operations_keep_their_channels():
-    class Concat(nn.Module):
+    class Cumulative(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(8, 2)
 
-        def forward(self, x):
-            return self.head(torch.cat([self.a(x), F.relu(self.b(x))], dim=1))
+        def forward(self, x):  # a cumulative sum mixes channels: not in simplify's vocabulary
+            return self.head(torch.cat([self.a(x).cumsum(1), F.relu(self.b(x))], dim=1))
 
-    model = Concat()
+    model = Cumulative()
     kill_rows(model.a, [0])
+    kill_rows(model.b, [1])
     small = simplify(model, torch.zeros(1, 3))
     assert small.get_submodule("a").out_features == 4
+    assert small.get_submodule("b").out_features == 3  # the concatenation maps b's channels
+    assert small.get_submodule("head").in_features == 7
     assert_same_function(model, small, torch.randn(5, 3))
 
 
@@ -274,7 +289,7 @@ def zero_channel(conv, bn, k, shift=0.0):
         bn.bias[k] = shift
 
 
-def test_residual_stream_channel_zero_everywhere_is_removed():
+def test_residual_stream_channel_dead_everywhere_is_removed():
     model = TinyResNet()
     randomize_batchnorm(model, torch.Generator().manual_seed(0))
     model.eval()
@@ -284,20 +299,20 @@ def test_residual_stream_channel_zero_everywhere_is_removed():
     zero_channel(b2.conv2, b2.bn2, 1 + 4)  # ... which the shortcut pads into stage-2 channel 5
     zero_channel(b2.conv2, b2.bn2, 0)  # stage-2 channel 0: padded zeros + a zero conv2 row
     zero_channel(model.conv, model.bn, 2)  # partially dead: b1.conv2 row 2 is alive
-    zero_channel(model.conv, model.bn, 3, shift=0.5)  # merely constant stream channels stay
+    zero_channel(model.conv, model.bn, 3, shift=0.5)  # constant stream channels fold too
     zero_channel(b1.conv2, b1.bn2, 3, shift=0.5)
     zero_channel(b2.conv2, b2.bn2, 3 + 4, shift=0.5)
     zero_channel(b1.conv1, b1.bn1, 6, shift=0.5)  # block-internal: removed (constant folded)
     x = torch.randn(8, 3, 16, 16)
 
     small = simplify(model, torch.zeros(1, 3, 16, 16))
-    assert small.get_submodule("conv").out_channels == 7
-    assert small.get_submodule("blocks.0.conv1").in_channels == 7
+    assert small.get_submodule("conv").out_channels == 6
+    assert small.get_submodule("blocks.0.conv1").in_channels == 6
     assert small.get_submodule("blocks.0.conv1").out_channels == 7
-    assert small.get_submodule("blocks.0.conv2").out_channels == 7
-    assert small.get_submodule("blocks.1.conv1").in_channels == 7
-    assert small.get_submodule("blocks.1.conv2").out_channels == 14
-    assert small.get_submodule("fc").in_features == 14
+    assert small.get_submodule("blocks.0.conv2").out_channels == 6
+    assert small.get_submodule("blocks.1.conv1").in_channels == 6
+    assert small.get_submodule("blocks.1.conv2").out_channels == 13
+    assert small.get_submodule("fc").in_features == 13
     assert_same_function(model, small, x)
 
     official = simplify(model, torch.zeros(1, 3, 16, 16), prune_residual_stream=False)
@@ -381,7 +396,7 @@ def test_onnx_output_equals_torch(tmp_path):
     ).eval()  # fmt: skip
     kill_rows(model[0], [1])
     small = simplify(model, torch.zeros(1, 1, 6, 6))
-    assert isinstance(small.get_submodule("2"), BiasMapConv2d)
+    assert isinstance(small.get_submodule("2"), BorderBiasConv2d)
     path = tmp_path / "small.onnx"
     export_onnx(small, torch.zeros(1, 1, 6, 6), path)
     session = ort.InferenceSession(str(path))

@@ -164,3 +164,51 @@ def test_model_without_prunable_layers_is_rejected():
     model = mlp()
     with pytest.raises(ValueError, match="every Linear/Conv2d layer is ignored"):
         l1_structured_prune(model, 0.5, ignore=[model[0], model[2], model[4]])
+
+
+class ResidualNet(nn.Module):
+    """stem 2→6 (+BN) → [conv 6→4, BN, ReLU, conv 4→6, BN] + shortcut → pool → fc 6→3."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv1, self.bn1 = nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def dead_rows(layer):
+    return [k for k in range(layer.weight.shape[0]) if not layer.weight[k].any()]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_groups_scope_prunes_residual_channels_in_every_producer(seed):
+    torch.manual_seed(seed)
+    model = ResidualNet().eval()
+    x = torch.zeros(1, 2, 8, 8)
+    layered = ResidualNet().eval()
+    layered.load_state_dict(model.state_dict())
+    # 10 prunable groups: 6 stream channels (stem + conv2 rows), 4 inside the block.
+    alive = l1_structured_prune(model, 0.5, scope="groups", example_input=x)
+    stream, inner = dead_rows(model.stem), dead_rows(model.conv1)
+    assert dead_rows(model.conv2) == stream  # the stream channel is dead in both producers
+    assert len(stream) + len(inner) == 5
+    assert alive == {"stem": 6 - len(stream), "conv1": 4 - len(inner), "conv2": 6 - len(stream)}
+    small = simplify(model, x)
+    assert small.get_submodule("stem").out_channels == 6 - len(stream)
+    assert small.get_submodule("conv1").out_channels == 4 - len(inner)
+    inputs = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = model(inputs)
+        assert (small(inputs) - y).abs().max() <= 1e-5 * y.abs().max()
+    # Layer by layer, a stream channel dead in one producer only is not removable.
+    l1_structured_prune(layered, 0.5, scope="layer")
+    both = set(dead_rows(layered.stem)) & set(dead_rows(layered.conv2))
+    assert simplify(layered, x).get_submodule("stem").out_channels == 6 - len(both)
+    with pytest.raises(ValueError, match="scope='groups' needs an input batch"):
+        l1_structured_prune(model, 0.5, scope="groups")

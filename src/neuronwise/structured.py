@@ -14,7 +14,7 @@ constant β − γμ/σ, which ``simplify`` folds into the consumers, as for SeR
 Another neuron importance (:mod:`neuronwise.pruning.importance`, e.g. ``neuron_taylor``) can replace
 the L1 norm: ``importance`` maps a layer to one score per neuron, the lowest pruned first.
 
-Two scopes:
+Three scopes:
 
 - ``"layer"`` (default): in each layer l, the round(fraction·N_l) lowest-scored neurons are
   pruned — one uniform ratio for every layer (Torch-Pruning's default; Li et al. pick per-layer
@@ -25,7 +25,16 @@ Two scopes:
   ``normalizer="mean"``), and the round(fraction·Σ_l N_l) lowest are pruned over all layers, the
   highest-scored neuron of each layer excepted (no layer collapses).
 
-``fraction`` is the target share of dead neurons, counted over all neurons of the layers, the
+- ``"groups"`` (needs ``example_input``): the unit is a coupled channel group
+  (:func:`neuronwise.structure.channel_groups`: a residual stream's channel in every producer, a
+  depthwise conv's channel with the conv feeding it, ...), scored by the mean over its producer
+  rows of s_k / mean(non-zero s of the layer); the round(fraction·G) lowest of the G prunable
+  groups are pruned in all their producers at once, so ``simplify`` removes every one of them
+  (per layer, a neuron pruned alone in a residual stream stays, as a live channel elsewhere
+  couples it). A group with a row in an ignored layer is not prunable; no layer loses its last
+  live neuron.
+
+``fraction`` is the target share of dead neurons (groups for ``"groups"``), counted over all neurons of the layers, the
 already dead ones included (their score is 0, so they go first): calling with increasing fractions
 between fine-tuning rounds gives iterative pruning. Ties break by index. The classifier — by default
 the last ``Linear``/``Conv2d`` in ``named_modules()`` order — is never pruned; pass ``ignore`` when
@@ -34,6 +43,7 @@ that is not the output layer.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -42,8 +52,9 @@ from torch import Tensor, nn
 from ._utils import find_classifier
 from .masks import ParameterMask, check_mask
 from .pruning.importance import NeuronImportance, neuron_l1, neuron_scores
+from .structure import channel_groups
 
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "global", "groups")
 STRUCTURED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 __all__ = ["SCOPES", "l1_structured_prune", "neuron_l1_norms"]
@@ -89,6 +100,47 @@ def _lowest(scores: Tensor, count: int) -> Tensor:
     return torch.argsort(scores, stable=True)[:count]
 
 
+def _lowest_groups(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    scores: dict[str, Tensor],
+    fraction: float,
+    example_input: Tensor | None,
+) -> dict[str, Tensor]:
+    """Rows per layer of the round(fraction·G) lowest-scored prunable coupled channel groups."""
+    if example_input is None:
+        raise ValueError("Invalid example_input: None (scope='groups' needs an input batch)")
+    producers = (nn.Linear, nn.Conv2d)
+    normalized = {}
+    for name, score in scores.items():
+        alive = score[score != 0]
+        normalized[name] = (score / alive.mean() if alive.numel() else score).tolist()
+    candidates = []
+    for group in channel_groups(model, example_input):
+        rows = [
+            (name, c)
+            for name, side, c in group.members
+            if side == "out" and isinstance(model.get_submodule(name), producers)
+        ]
+        if group.blocked_by is None and rows and all(name in layers for name, _ in rows):
+            score = sum(normalized[name][c] for name, c in rows) / len(rows)
+            candidates.append((score, len(candidates), rows))
+    left = {name: int((score != 0).sum()) for name, score in scores.items()}
+    chosen: dict[str, list[int]] = {name: [] for name in layers}
+    count = round(fraction * len(candidates))
+    for _, _, rows in sorted(candidates):
+        if count == 0:
+            break
+        live = Counter(name for name, c in rows if scores[name][c] != 0)
+        if any(left[name] - n < 1 for name, n in live.items()):
+            continue  # the last live neuron of a layer
+        for name, c in rows:
+            chosen[name].append(c)
+        left.update({name: left[name] - n for name, n in live.items()})
+        count -= 1
+    return {name: torch.tensor(rows, dtype=torch.long) for name, rows in chosen.items()}
+
+
 @torch.no_grad()
 def l1_structured_prune(
     model: nn.Module,
@@ -97,6 +149,7 @@ def l1_structured_prune(
     ignore: nn.Module | Iterable[nn.Module] | None = None,
     mask: ParameterMask | None = None,
     importance: NeuronImportance = neuron_l1,
+    example_input: Tensor | None = None,
 ) -> dict[str, int]:
     """Zero the weight rows and biases of the lowest-scored neurons until ``fraction`` are dead.
 
@@ -104,8 +157,10 @@ def l1_structured_prune(
     ``scope="layer"``: round(fraction·N_l) dead neurons in each layer l (at most N_l − 1).
     ``scope="global"``: round(fraction·Σ_l N_l) dead neurons over all layers, ranked by
     s_k / mean(non-zero s of the layer), each layer's best neuron kept. Neurons that are
-    already dead stay dead and count towards the target; nothing is revived. Updates ``mask`` if
-    given. Returns the number of alive neurons per pruned layer (by name).
+    already dead stay dead and count towards the target; nothing is revived. ``scope="groups"``:
+    round(fraction·G) coupled channel groups of the model run on ``example_input``, each zeroed in
+    every producer. Updates ``mask`` if given. Returns the number of alive neurons per pruned layer
+    (by name).
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
         raise TypeError(f"Invalid fraction: {fraction!r} (expected a number in [0, 1))")
@@ -118,7 +173,9 @@ def l1_structured_prune(
     scores = {name: neuron_scores(importance, layer) for name, layer in layers.items()}
 
     pruned: dict[str, Tensor] = {}
-    if scope == "layer":
+    if scope == "groups":
+        pruned = _lowest_groups(model, layers, scores, fraction, example_input)
+    elif scope == "layer":
         for name, score in scores.items():
             count = min(round(fraction * score.numel()), score.numel() - 1)
             pruned[name] = _lowest(score, count)

@@ -90,9 +90,11 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_simplify(args: argparse.Namespace) -> int:
-    from .tools import simplify_run
+    from .tools import explain_run, simplify_run
 
     print(simplify_run(args.run_dir, export=args.export, checkpoint=args.checkpoint))
+    if args.explain:
+        print(explain_run(args.run_dir, checkpoint=args.checkpoint))
     return 0
 
 
@@ -157,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     simplify.add_argument("run_dir", help="run directory holding config.yaml and last.pt")
     simplify.add_argument("--export", metavar="FILE.onnx", help="also export to ONNX")
     simplify.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    simplify.add_argument("--explain", action="store_true",
+                          help="list the dead neurons kept, per layer, and the node that blocked them")
     simplify.set_defaults(func=cmd_simplify)
 
     analyze = commands.add_parser("analyze", help="PSP-entropy / sharpness analysis of a run")

@@ -54,6 +54,21 @@ def _test_loader(config: Config, data_root: str | None, limit: int | None = None
     return nwdata.TensorLoader(test, batch_size=config.data.eval_batch_size)
 
 
+def explain_run(run_dir: str | Path, checkpoint: str = "last") -> str:
+    """Per layer, the dead neurons that ``simplify`` keeps and the graph node that blocked them."""
+    from neuronwise.structure import explain
+
+    _, model, example = load_run_model(run_dir, checkpoint)
+    blocked: dict[tuple[str, str, str], list[int]] = {}
+    for k in explain(model, example):
+        blocked.setdefault((k.layer, k.blocked_by, k.reason), []).append(k.channel)
+    lines = [f"dead neurons kept by simplify: {sum(map(len, blocked.values())) or 'none'}"]
+    for (layer, node, reason), channels in blocked.items():
+        lines.append(f"  {layer}: {len(channels)} ({', '.join(map(str, channels[:12]))}"
+                     f"{', ...' if len(channels) > 12 else ''}) blocked by {node}: {reason}")
+    return "\n".join(lines)
+
+
 def simplify_run(run_dir: str | Path, export: str | None = None, checkpoint: str = "last",
                  repeats: int = 50) -> str:
     """Simplify a run's model; save it (``simplified.pt``), measure it, optionally export ONNX."""

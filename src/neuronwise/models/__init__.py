@@ -1,8 +1,9 @@
 """Model registry: ``create(name, ...)`` builds any architecture of METHODS.md §7 by name.
 
 Every builder takes ``num_classes``, ``in_channels`` and ``image_size`` (square inputs), plus its
-own keyword options; every model names its final ``nn.Linear`` ``classifier``, uses ``nn.ReLU``
-and ``nn.Flatten`` modules, PyTorch's default initialization, and is torch.fx-traceable.
+own keyword options; its defaults are the model's natural input (:func:`default_input`: the CIFAR
+models 3 channels at 32 px, the LeNets and the MLP 1 channel at 28 px); every model names its final
+``nn.Linear`` ``classifier``, uses ``nn.ReLU`` and ``nn.Flatten`` modules, PyTorch's default initialization, and is torch.fx-traceable.
 
 >>> model = create("lenet5", num_classes=10)
 >>> classifier_name(model)
@@ -44,6 +45,7 @@ __all__ = [
     "available",
     "classifier_name",
     "create",
+    "default_input",
     "register",
 ]
 
@@ -75,12 +77,33 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(
-    name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwargs
-) -> nn.Module:
-    """Build the registered model ``name``; ``kwargs`` are that model's own options."""
+def default_input(name: str) -> tuple[int, int]:
+    """(in_channels, image_size) that ``create(name)`` uses when not given: the builder's own
+    defaults, else 1 channel at 28 px."""
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model: {name!r} (available: {', '.join(available())})")
+    parameters = inspect.signature(_REGISTRY[name]).parameters
+    found = []
+    for field, fallback in (("in_channels", 1), ("image_size", 28)):
+        default = parameters[field].default
+        found.append(fallback if default is inspect.Parameter.empty else default)
+    return found[0], found[1]
+
+
+def create(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int | None = None,
+    image_size: int | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build the registered model ``name``; ``kwargs`` are that model's own options.
+
+    ``in_channels``/``image_size`` default to the model's natural input (:func:`default_input`).
+    """
+    default_channels, default_size = default_input(name)
+    in_channels = default_channels if in_channels is None else in_channels
+    image_size = default_size if image_size is None else image_size
     for field, value in zip(_COMMON, (num_classes, in_channels, image_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {field}: {value!r} (expected a positive int)")

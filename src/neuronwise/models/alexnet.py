@@ -14,7 +14,7 @@ class AlexNetCifar(nn.Module):
     23,631,552 parameters, 9,444 neurons, 63.11 M MACs.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> None:
         super().__init__()
         side = ((image_size - 1) // 2 + 1) // 8
         if side < 1:

@@ -54,7 +54,7 @@ class ResNetCifar(nn.Module):
     """
 
     def __init__(
-        self, depth: int = 20, num_classes: int = 10, in_channels: int = 1, image_size: int = 28
+        self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, image_size: int = 32
     ) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
@@ -84,13 +84,13 @@ class ResNetCifar(nn.Module):
         return self.classifier(self.flatten(self.pool(x)))
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> ResNetCifar:
+def resnet20(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> ResNetCifar:
     return ResNetCifar(20, num_classes, in_channels, image_size)
 
 
-def resnet32(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> ResNetCifar:
+def resnet32(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> ResNetCifar:
     return ResNetCifar(32, num_classes, in_channels, image_size)
 
 
-def resnet56(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> ResNetCifar:
+def resnet56(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> ResNetCifar:
     return ResNetCifar(56, num_classes, in_channels, image_size)

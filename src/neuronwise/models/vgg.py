@@ -23,8 +23,8 @@ class VGG16Cifar(nn.Module):
     def __init__(
         self,
         num_classes: int = 10,
-        in_channels: int = 1,
-        image_size: int = 28,
+        in_channels: int = 3,
+        image_size: int = 32,
         variant: str = "1L",
     ) -> None:
         super().__init__()
