@@ -195,7 +195,7 @@ def test_alexnet_has_no_biases():
 
 def test_registry_lists_and_rejects():
     assert models.available() == sorted(
-        ["lenet300", "lenet5", "resnet20", "resnet32", "resnet56", "vgg16", "alexnet", "mlp"]
+        ["lenet300", "lenet5", "resnet20", "resnet32", "resnet56", "vgg16", "alexnet", "mlp", "vit"]
     )
     with pytest.raises(ValueError, match=r"Unknown model: 'lenet7' \(available: alexnet, lenet300"):
         models.create("lenet7")

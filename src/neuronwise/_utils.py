@@ -21,6 +21,7 @@ __all__ = [
     "check_fraction",
     "check_int",
     "check_lam",
+    "check_model_and_example",
     "check_modules",
     "check_nonnegative",
     "clone_state",
@@ -198,3 +199,14 @@ def check_modules(modules: Any) -> tuple[type[nn.Module], ...]:
     if not modules or not all(isinstance(m, type) and issubclass(m, nn.Module) for m in modules):
         raise TypeError(f"Invalid modules: {modules!r} (expected a tuple of nn.Module subclasses)")
     return modules
+
+
+def check_model_and_example(model: Any, example_input: Any) -> None:
+    """``model`` is an ``nn.Module`` and ``example_input`` a tensor with a batch dimension."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: {type(model).__name__} (expected torch.nn.Module)")
+    if not isinstance(example_input, Tensor) or example_input.dim() < 2:
+        raise ValueError(
+            f"Invalid example_input: {getattr(example_input, 'shape', example_input)!r} "
+            "(expected a tensor with a batch dimension)"
+        )

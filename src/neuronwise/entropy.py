@@ -15,6 +15,7 @@ from torch import nn
 
 from neuronwise._utils import evaluating, find_classifier, split_batch
 from neuronwise.distributed import all_reduce_sum
+from neuronwise.transformer.groups import FeedForwardUnits, neuron_groups
 
 __all__ = ["LayerEntropy", "PSPEntropy", "psp_entropy"]
 
@@ -35,7 +36,8 @@ class LayerEntropy:
             no sample.
         p_on: unclamped #{z_u > 0, y = c} / M_c, shape (units, C), float64; NaN for classes with no
             sample.
-        class_counts: M_c, the samples of each class seen by this layer, shape (C,), int64.
+        class_counts: M_c, the samples of each class seen by this layer, shape (C,), int64; for
+            FFN units pooled over tokens, the (sample, token) pairs.
         unit_shape: the per-sample output shape, e.g. (20, 24, 24), to view ``per_unit`` as a map.
     """
 
@@ -55,7 +57,9 @@ class PSPEntropy:
     r"""Accumulates the on/off counts of pre-activations per class over batches (torchmetrics style).
 
     A unit u is one element of the output z of a ``Linear`` or ``Conv2d`` (before BN or the
-    nonlinearity; logits included); for a conv, every channel × position is a unit. With M_c the
+    nonlinearity; logits included); for a conv, every channel × position is a unit. An FFN's
+    hidden unit (:mod:`neuronwise.transformer.groups`: ``fc1`` rows) is one unit over all tokens:
+    each (sample, token) pair is one observation, so M_c counts those pairs. With M_c the
     samples of class c and :math:`p_c(u) = \#\{z_u > 0, y = c\} / M_c`, clamped to
     [1e-4, 0.9999] as is :math:`1 - p_c(u)`,
 
@@ -111,6 +115,7 @@ class PSPEntropy:
         self.layers = names
         self.num_classes = num_classes
         self._modules = {n: candidates[n] for n in names}
+        self._pooled = {g.fc1 for g in neuron_groups(model) if isinstance(g, FeedForwardUnits)}
         self._on: dict[str, torch.Tensor] = {}
         self._samples: dict[str, torch.Tensor] = {}
         self._unit_shape: dict[str, tuple[int, ...]] = {}
@@ -143,7 +148,9 @@ class PSPEntropy:
                     f"Invalid batch: module {name!r} produced shape {tuple(output.shape)} for "
                     f"{labels.shape[0]} labels (expected a leading batch dimension)"
                 )
-            unit_shape = tuple(output.shape[1:])
+            unit_shape, positions = tuple(output.shape[1:]), 1
+            if name in self._pooled:  # (batch, tokens…, units): tokens are observations
+                unit_shape, positions = (output.shape[-1],), output[0].numel() // output.shape[-1]
             if name not in self._on:
                 units = math.prod(unit_shape)
                 self._on[name] = torch.zeros(
@@ -159,13 +166,13 @@ class PSPEntropy:
                     f"earlier {self._unit_shape[name]} (units must keep one shape)"
                 )
             y = labels.to(output.device)
-            active = (output.reshape(output.shape[0], -1) > 0).float()
+            active = (output.reshape(output.shape[0], positions, -1) > 0).float().sum(dim=1)
             onehot = nn.functional.one_hot(y, self.num_classes).float()
             # 0/1 products summed in float32 are exact below 2**24 samples per batch, and a matmul
             # never materialises a (batch × units) int64 tensor; autocast would round the sums.
             with torch.autocast(output.device.type, enabled=False):
                 self._on[name] += (onehot.T @ active).to(torch.int64)
-                self._samples[name] += onehot.sum(dim=0).to(torch.int64)
+                self._samples[name] += onehot.sum(dim=0).to(torch.int64) * positions
 
         return hook
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from neuronwise._utils import by_device_and_dtype, check_modules, use_foreach
+from neuronwise.transformer.groups import AttentionHeads, neuron_groups
 
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 GRANULARITIES = ("params", "neurons")
@@ -94,7 +95,9 @@ class ParameterMask:
     its bias entry, is masked when its weight row is all zero (all entries == 0, METHODS.md §3
     DECISION; the official code tests ``sum == 0``). Other entries of Linear/Conv2d weights and
     biases stay free, as in the official neuron mask; parameters of other modules (BatchNorm2d)
-    keep per-entry masks. ``"neurons"`` needs the model, to pair weights with biases.
+    keep per-entry masks. An attention head (:mod:`neuronwise.transformer.groups`) is a neuron
+    group: when its value rows are all zero, all its q, k, v rows and their biases are masked.
+    ``"neurons"`` needs the model, to pair weights with biases.
 
     The mask changes only in :meth:`update` (rebuilt from the current zeros). Call :meth:`apply`
     after every optimizer step, or :meth:`attach` the mask to the optimizer: re-applying it after
@@ -124,6 +127,8 @@ class ParameterMask:
         self.params = resolve_parameters(model_or_params, modules)
         # (index of a Linear/Conv2d weight, index of its bias or None) within self.params
         self._neurons: list[tuple[int, int | None]] = []
+        # (index of an attention in-projection weight, index of its bias or None, its heads)
+        self._heads: list[tuple[int, int | None, AttentionHeads]] = []
         if granularity == "neurons":
             index = {id(p): i for i, p in enumerate(self.params)}
             for module in model_or_params.modules():
@@ -131,6 +136,12 @@ class ParameterMask:
                     bias = module.bias
                     bias_index = index.get(id(bias)) if bias is not None else None
                     self._neurons.append((index[id(module.weight)], bias_index))
+            named = dict(model_or_params.named_parameters())
+            for group in neuron_groups(model_or_params):
+                if isinstance(group, AttentionHeads) and id(named[group.in_weight]) in index:
+                    bias = named.get(group.in_bias) if group.in_bias else None
+                    bias_index = index.get(id(bias)) if bias is not None else None
+                    self._heads.append((index[id(named[group.in_weight])], bias_index, group))
         self.masks = []
         self.update()
 
@@ -164,6 +175,13 @@ class ParameterMask:
             masks[weight_index] = alive.view(row_shape).expand_as(weight).clone()
             if bias_index is not None:
                 masks[bias_index] = alive.clone()
+        for weight_index, bias_index, heads in self._heads:
+            weight = self.params[weight_index]
+            values = heads.per_head(weight != 0)[2]  # (H, d, in): the value rows of each head
+            rows = heads.to_rows(values.flatten(1).any(dim=1))
+            masks[weight_index] = masks[weight_index] & rows[:, None]
+            if bias_index is not None:
+                masks[bias_index] = masks[bias_index] & rows
         self.masks = masks
 
     @torch.no_grad()

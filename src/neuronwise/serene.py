@@ -16,6 +16,7 @@ from ._utils import (
 )
 from .masks import ParameterMask, check_mask
 from .sensitivity import VARIANTS, NeuronActivations, neuron_sensitivity
+from .transformer.groups import AttentionHeads, neuron_groups
 
 
 class SeReNe:
@@ -27,7 +28,13 @@ class SeReNe:
     .. math::
         W[k] \leftarrow W[k] - \lambda \, \bar S_k \, W[k]
 
-    then the mask sets pruned parameters (weights and biases of these modules) back to zero. Biases
+    then the mask sets pruned parameters (weights and biases of these modules) back to zero.
+
+    Transformers (:mod:`neuronwise.transformer.groups`): an attention head h is one neuron whose
+    incoming weights are its q, k and v rows, with S_h the mean of its value rows' S_k (the mean of
+    |Σ_c ∂y/∂v| over samples, tokens and the head's d value dimensions); FFN units are fc1's rows.
+    The output projections (attention ``proj``, FFN ``fc2``) write the residual stream, which
+    LayerNorm couples: their rows are not neurons and are not decayed. Biases
     and BatchNorm are not regularized. λ is not multiplied by the learning rate (official code). The
     update uses the weights after the optimizer step and the sensitivity of the forward before it,
     as in the official pipeline (METHODS §1, §3).
@@ -71,6 +78,9 @@ class SeReNe:
         self.foreach = check_foreach(foreach)
         self.activations = NeuronActivations(model, modules)
         self.mask = check_mask(mask) or ParameterMask(model, modules)
+        groups = neuron_groups(model)
+        self._heads = {g.in_module: g for g in groups if isinstance(g, AttentionHeads)}
+        self._residual = {g.out_module if isinstance(g, AttentionHeads) else g.fc2 for g in groups}
         self._sums: dict[str, Tensor] = {}
         self._count = 0
 
@@ -104,10 +114,14 @@ class SeReNe:
             )
         weights, factors = [], []
         for name, module in self.activations.modules.items():
-            if name not in self._sums:
+            if name not in self._sums or name in self._residual:
                 continue
             w = module.weight
-            insensitivity = torch.relu(1.0 - self._sums[name] / self._count).to(w)
+            sensitivity = self._sums[name] / self._count
+            if name in self._heads:
+                heads = self._heads[name]
+                sensitivity = heads.to_rows(heads.value_mean(sensitivity))
+            insensitivity = torch.relu(1.0 - sensitivity).to(w)
             weights.append(w)
             factors.append(insensitivity.view(-1, *([1] * (w.dim() - 1))).expand_as(w))
         foreach = use_foreach(self.foreach, weights + self.mask.params)

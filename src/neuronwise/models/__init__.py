@@ -30,6 +30,7 @@ from neuronwise.models.resnet_cifar import (
     resnet56,
 )
 from neuronwise.models.vgg import VGG16Cifar
+from neuronwise.models.vit import ViT
 
 __all__ = [
     "MLP",
@@ -40,6 +41,7 @@ __all__ = [
     "ResNetCifar",
     "ShortcutA",
     "VGG16Cifar",
+    "ViT",
     "available",
     "classifier_name",
     "create",
@@ -134,3 +136,4 @@ register("resnet20")(resnet20)
 register("resnet32")(resnet32)
 register("resnet56")(resnet56)
 register("vgg16")(VGG16Cifar)
+register("vit")(ViT)

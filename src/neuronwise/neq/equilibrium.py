@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from neuronwise import metrics
 from neuronwise._utils import find_classifier, is_number, layer_neurons
+from neuronwise.transformer.groups import AttentionHeads, neuron_groups
 
 from .backward import FrozenGradSkip
 from .frozen import FrozenRows, StepHooks, supports_optim_mode
@@ -49,6 +50,10 @@ class NEq:
     frozen set (recomputed each epoch; ``pinning`` keeps frozen neurons frozen). ``selection``
     ``"random"``/``"topk"`` instead freeze ⌊(1 − p)·C_l⌋ neurons per layer, p = ``trained_fraction``,
     drawn uniformly or with the smallest |v|.
+
+    An attention in-projection (:mod:`neuronwise.transformer.groups`) has heads as neurons: y is
+    head h's output (the output projection's input columns of h, over tokens and its d dimensions)
+    and freezing h freezes its q, k and v rows.
 
     A frozen neuron's parameters (weight row, bias entry; BN/LN γ_k, β_k) get, with :meth:`attach`
     (``mode="optim"``, SGD/Adam/AdamW): no gradient, no weight decay, momentum / Adam first moment
@@ -117,6 +122,11 @@ class NEq:
             "batch_size": batch_size, "skip_frozen_grads": skip_frozen_grads,
         })
         self.modules = self._select_modules(layers, exclude)
+        self._heads = {
+            g.in_module: g
+            for g in neuron_groups(self.model)
+            if isinstance(g, AttentionHeads) and g.in_module in self.modules
+        }
 
         self._generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
@@ -170,6 +180,15 @@ class NEq:
         self.batch_size = batch_size
         self.skip_frozen_grads = bool(values["skip_frozen_grads"])
 
+    def _neurons(self, name: str) -> int:
+        heads = self._heads.get(name)
+        return layer_neurons(self.modules[name]) if heads is None else heads.num_heads
+
+    def _frozen_row_mask(self, name: str) -> Tensor:
+        """Per row of the module's parameters: frozen (a head's mask spread over its rows)."""
+        heads = self._heads.get(name)
+        return self.frozen[name] if heads is None else heads.to_rows(self.frozen[name])
+
     def _select_modules(self, layers, exclude) -> dict[str, nn.Module]:
         named = dict(self.model.named_modules())
         if exclude is None:
@@ -205,13 +224,13 @@ class NEq:
         """Record the epoch-0 outputs on Ξ and reset all statistics (the constructor calls it)."""
         self._skip.release()
         self.previous, _ = validation_pass(
-            self.model, self.modules, self.val_inputs, self.batch_size
+            self.model, self.modules, self.val_inputs, self.batch_size, heads=self._heads
         )
         self.epoch = 0
         self.history = []
         self.similarity, self.velocity, self.carry, self.frozen = {}, {}, {}, {}
         for name, module in self.modules.items():
-            n = layer_neurons(module)
+            n = self._neurons(name)
             self.similarity[name] = torch.ones(n, dtype=torch.float64, device=module.weight.device)
             self.velocity[name] = torch.zeros_like(self.similarity[name])
             self.carry[name] = torch.zeros_like(self.similarity[name])
@@ -222,7 +241,7 @@ class NEq:
         """After a training epoch: φ, Δφ, velocity, and the next epoch's frozen neurons."""
         self._skip.release()
         self.previous, similarity = validation_pass(
-            self.model, self.modules, self.val_inputs, self.batch_size, self.previous
+            self.model, self.modules, self.val_inputs, self.batch_size, self.previous, self._heads
         )
         self.history.append([int(f.sum()) for f in self.frozen.values()])
         self.epoch += 1
@@ -265,7 +284,7 @@ class NEq:
         rows = []
         skipped = {id(p) for p in self._skip.params}
         for name, module in self.modules.items():
-            index = self.frozen[name].nonzero().flatten()
+            index = self._frozen_row_mask(name).nonzero().flatten()
             if index.numel() == 0:
                 continue
             for param in module.parameters(recurse=False):
@@ -297,7 +316,9 @@ class NEq:
 
     def _apply_skip(self) -> None:
         if self.skip_frozen_grads:
-            self._skip.apply(self.modules, self.frozen)
+            self._skip.apply(
+                self.modules, {name: self._frozen_row_mask(name) for name in self.modules}
+            )
 
     def remove(self) -> None:
         """Undo ``skip_frozen_grads`` on the model (hooks, ``requires_grad``) until the next step."""
@@ -318,7 +339,7 @@ class NEq:
         if not self.history:
             return {name: 0.0 for name in self.modules}
         counts = torch.tensor(self.history, dtype=torch.float64).mean(0)
-        return {name: float(c) / layer_neurons(m) for (name, m), c in zip(self.modules.items(), counts)}
+        return {name: float(c) / self._neurons(name) for name, c in zip(self.modules, counts)}
 
     def trained_neurons(self, average: bool = False) -> float:
         r"""Σ_l N_l (1 − f_l) over every Conv2d/BatchNorm2d/LayerNorm/Linear of the model.
@@ -388,4 +409,3 @@ class NEq:
             raise ValueError(f"Invalid quantiles: {q} (expected numbers in [0, 1])")
         speeds = torch.cat([v.detach().abs().flatten().cpu() for v in self.velocity.values()])
         return torch.quantile(speeds, torch.tensor(q, dtype=speeds.dtype)).tolist()
-

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from neuronwise import distributed
 from neuronwise._utils import evaluating, layer_neurons
+from neuronwise.transformer.groups import AttentionHeads
 
 
 def cosine(dot: Tensor, norm_a: Tensor, norm_b: Tensor) -> Tensor:
@@ -38,6 +39,23 @@ def neuron_outputs(module: nn.Module, output: Tensor) -> Tensor:
     return output.reshape(n, -1, layer_neurons(module)).transpose(1, 2)
 
 
+def head_outputs(heads: AttentionHeads, output: Tensor) -> Tensor:
+    """Attention output before the output projection (N, …, H·d) as (N, H, positions·d)."""
+    n = output.shape[0]
+    per_head = output.reshape(n, -1, heads.num_heads, heads.head_dim).transpose(1, 2)
+    return per_head.reshape(n, heads.num_heads, -1)
+
+
+class _InputHook:
+    """Forward pre-hook handing a module's input on as the "output" of a head group."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.hook(module, args, args[0])
+
+
 @torch.no_grad()
 def validation_pass(
     model: nn.Module,
@@ -45,8 +63,12 @@ def validation_pass(
     inputs: Tensor,
     batch_size: int,
     previous: dict[str, Tensor] | None = None,
+    heads: dict[str, AttentionHeads] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Eval-mode forward over Ξ = ``inputs``: the outputs per module and, with ``previous``, φ.
+
+    A module named in ``heads`` (an attention in-projection) has one neuron per head, whose
+    outputs are the head's columns of the output projection's input (:func:`head_outputs`).
 
     Statistics per module, shape (3, C), summed over samples and ranks: per-sample cosine sum,
     sample count, 0 for (N, C, S) outputs; ⟨a, b⟩, |a|², |b|² for (N, C) outputs. Returns
@@ -59,7 +81,10 @@ def validation_pass(
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            current = neuron_outputs(module, output)
+            group = (heads or {}).get(name)
+            current = (
+                neuron_outputs(module, output) if group is None else head_outputs(group, output)
+            )
             if name not in outputs:
                 outputs[name] = current.new_empty((total, *current.shape[1:]))
                 seen[name] = 0
@@ -94,7 +119,13 @@ def validation_pass(
 
         return hook
 
-    handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+    handles = []
+    for name, module in modules.items():
+        if name in (heads or {}):
+            out = model.get_submodule(heads[name].out_module)
+            handles.append(out.register_forward_pre_hook(_InputHook(hook_for(name))))
+        else:
+            handles.append(module.register_forward_hook(hook_for(name)))
     device = next(model.parameters()).device
     try:
         with evaluating(model):

@@ -1,0 +1,108 @@
+"""Dense vs simplified ViT: CPU latency at batch 1 and 32 next to the MACs ratio.
+
+The ViT is the registry's (``--set`` model options), either with random dead heads and FFN units
+(``--dead-heads``, ``--dead-units``: fractions killed in every block, value rows and fc1 rows set
+to zero) or trained (``--checkpoint`` of a run: its ``model`` state dict). Simplified =
+``neuronwise.transformer.simplify_transformer`` then ``neuronwise.simplify``. MACs come from
+``torch.utils.flop_counter`` (every matmul, attention's included, batch 1, FLOPs / 2). Latency:
+``neuronwise.latency.measure_latency``, models interleaved, medians; report ratios, not times.
+On a loaded machine wall time mostly measures waiting for a core; ``--clock cpu`` times each
+forward by the process's CPU time instead (one thread: the compute itself), same interleaving.
+
+    python benchmarks/vit_simplify_latency.py [--dead-heads 0.5] [--dead-units 0.7] [--set dim=64]
+    python benchmarks/vit_simplify_latency.py --checkpoint runs/RUN/last.pt --set dim=64 depth=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+import neuronwise as nw
+from neuronwise.latency import measure_latency
+from neuronwise.transformer import simplify_transformer
+from neuronwise.transformer.groups import AttentionHeads, FeedForwardUnits, neuron_groups
+
+
+def macs(model: torch.nn.Module, example: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(example)
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def kill(model: torch.nn.Module, heads: float, units: float, generator: torch.Generator) -> None:
+    """Zero the value rows of a fraction of each attention's heads and fc1 rows of each FFN."""
+    for group in neuron_groups(model):
+        if isinstance(group, AttentionHeads):
+            chosen = torch.randperm(group.num_heads, generator=generator)
+            chosen = chosen[: round(heads * group.num_heads)]
+            value_rows = group.rows(chosen).view(3, -1)[2]
+            model.get_parameter(group.in_weight)[value_rows] = 0
+        elif isinstance(group, FeedForwardUnits):
+            chosen = torch.randperm(group.units, generator=generator)[: round(units * group.units)]
+            model.get_submodule(group.fc1).weight[chosen] = 0
+
+
+@torch.no_grad()
+def cpu_latency(models: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median CPU seconds per forward of each model, timed round-robin after 5 warm-up rounds."""
+    times: list[list[float]] = [[] for _ in models]
+    for round_index in range(5 + repeats):
+        for index, model in enumerate(models):
+            start = time.process_time()
+            model(x)
+            if round_index >= 5:
+                times[index].append(time.process_time() - start)
+    return [statistics.median(t) for t in times]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--dead-heads", type=float, default=0.5)
+    parser.add_argument("--dead-units", type=float, default=0.7)
+    parser.add_argument("--set", nargs="*", default=[], help="model options, e.g. dim=64 depth=4")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    dense = nw.models.create("vit", **options).eval()
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        dense.load_state_dict(state["model"])
+        source = args.checkpoint
+    else:
+        kill(dense, args.dead_heads, args.dead_units, torch.Generator().manual_seed(0))
+        source = f"random: {args.dead_heads:.0%} heads, {args.dead_units:.0%} FFN units dead"
+    example = torch.zeros(1, 1, 28, 28)
+    small = nw.simplify(simplify_transformer(dense, example), example)
+    x = torch.randn(max(args.batches), 1, 28, 28)
+    error = (dense(x) - small(x)).abs().max() / dense(x).abs().max()
+    params = [sum(p.numel() for p in m.parameters()) for m in (dense, small)]
+    ratio = macs(small, example) / macs(dense, example)
+    print(f"vit {options or 'defaults'} ({source}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s), {args.clock} clock, median of {args.repeats} "
+          "interleaved rounds")  # fmt: skip
+    print(f"parameters {params[0]:,} -> {params[1]:,}; MACs ratio {ratio:.3f}; "
+          f"max relative output difference {error:.1e}")  # fmt: skip
+    print("batch  dense ms  simplified ms  speed-up  (1/MACs ratio)")
+    for batch in args.batches:
+        measure = cpu_latency if args.clock == "cpu" else measure_latency
+        t_dense, t_small = measure([dense, small], x[:batch], repeats=args.repeats)
+        print(f"{batch:5d}  {t_dense * 1e3:8.3f}  {t_small * 1e3:13.3f}  {t_dense / t_small:7.2f}x"
+              f"  ({1 / ratio:.2f}x)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
