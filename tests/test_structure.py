@@ -236,3 +236,26 @@ def test_package_exposes_the_module_functions():
     assert nw.structure.export_onnx is nw.export_onnx
     assert nw.save_simplified is nw.structure.save_simplified
     assert nw.load_simplified is nw.structure.load_simplified
+
+
+class _BareBias(nn.Module):
+    """A Linear followed by a 1-D parameter added directly: an operand with no channel axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.o = nn.Linear(4, 3), nn.Linear(3, 2)
+        self.b = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return self.o(torch.relu(self.l(x) + self.b))
+
+
+def test_a_bare_1d_parameter_operand_keeps_its_channels_and_the_function():
+    model = _BareBias().eval()
+    with torch.no_grad():
+        model.l.weight[1] = 0
+    small = nw.simplify(model, torch.zeros(1, 4))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-6)
+    kept = nw.structure.explain(model, torch.zeros(1, 4))
+    assert [(k.layer, k.channel, k.blocked_by) for k in kept] == [("l", 1, "add")]

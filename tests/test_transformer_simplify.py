@@ -295,9 +295,6 @@ def test_kept_composes_with_simplify_and_moves_optimizer_state():
     assert kept["blocks.1.bias"][1] is None
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hand-off: nw.simplify starts with simplify_transformer once merged"
-)
 def test_nw_simplify_removes_heads_with_no_manual_step():
     model = kill_vit_parts(vit("sdpa"))
     example = torch.zeros(1, 1, 28, 28)

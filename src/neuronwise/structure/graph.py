@@ -199,8 +199,9 @@ def _couple(a: Analysis, nodes: list[fx.Node], calls: Counter) -> list[tuple[int
                 reason = {"placeholder": "model input", "output": "model output"}.get(
                     kind, "graph constant"
                 )
-            for t in targs + ([n] if n.name in a.offsets else []):
-                pins.extend((i, n, reason) for i in a.ids(t))
+            for t in targs + [n]:
+                if t.name in a.offsets:  # a 1-D tensor (e.g. a bare parameter) has no channels
+                    pins.extend((i, n, reason) for i in a.ids(t))
     return pins
 
 

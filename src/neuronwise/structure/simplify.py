@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from neuronwise.transformer.simplify import compose_kept, simplify_transformer
+
 from .graph import (
     PRODUCERS,
     Analysis,
@@ -149,7 +151,7 @@ def _prepare(
     fuse_bn: bool,
     pinned: Iterable[str | nn.Module],
     prune_residual_stream: bool,
-) -> tuple[Analysis, set[str], Tensor]:
+) -> tuple[Analysis, set[str], Tensor, Kept]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: {type(model).__name__} (expected torch.nn.Module)")
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
@@ -167,10 +169,14 @@ def _prepare(
                 f"Invalid pinned entry: {p!r} (expected a module of model or its name)"
             )
         pinned_targets.add(name)
+    # Attention heads and FFN units first (module level), then the channel graph.
+    model, kept = simplify_transformer(model, example_input, return_kept=True,
+                                       pinned=pinned_targets)
     gm, calls, example = capture(model, example_input)
     fused = _fuse_batchnorms(gm, calls) if fuse_bn else set()
     propagate_shapes(gm, example)
-    return analyse(gm, calls, pinned_targets, prune_residual_stream, example), fused, example
+    analysis = analyse(gm, calls, pinned_targets, prune_residual_stream, example)
+    return analysis, fused, example, kept
 
 
 def simplify(
@@ -193,7 +199,8 @@ def simplify(
             indices per dimension: ``()`` when unchanged, ``None`` when the parameter is new or
             rescaled), for :func:`remap_optimizer_state`.
     """
-    a, fused, example = _prepare(model, example_input, fuse_bn, pinned, prune_residual_stream)
+    a, fused, example, kept_before = _prepare(model, example_input, fuse_bn, pinned,
+                                              prune_residual_stream)
     gm = a.gm
     kept: Kept = {}
     for node in list(gm.graph.nodes):
@@ -216,7 +223,7 @@ def simplify(
     for node in gm.graph.nodes:
         node.meta.pop("tensor_meta", None)
     gm.meta[EXAMPLE_KEY] = torch.zeros_like(example)  # input shape for save_simplified
-    return (gm, kept) if return_kept else gm
+    return (gm, compose_kept(kept_before, kept)) if return_kept else gm
 
 
 def explain(
@@ -228,7 +235,7 @@ def explain(
 ) -> list[KeptChannel]:
     """The dead output channels (all weights zero) that :func:`simplify` with the same arguments
     keeps, each with the graph node that blocked it and why, in graph order."""
-    a, _, _ = _prepare(model, example_input, fuse_bn, pinned, prune_residual_stream)
+    a, _, _, _ = _prepare(model, example_input, fuse_bn, pinned, prune_residual_stream)
     found, seen = [], set()
     for node in a.gm.graph.nodes:
         layer = a.modules.get(node.target) if node.op == "call_module" else None

@@ -57,7 +57,7 @@ Kept = dict[str, tuple[str, tuple[Tensor, ...] | None]]
 
 
 def simplify_transformer(
-    model: nn.Module, example_input: Tensor, return_kept: bool = False
+    model: nn.Module, example_input: Tensor, return_kept: bool = False, pinned: Any = ()
 ) -> nn.Module | tuple[nn.Module, Kept]:
     """A copy of ``model`` (eval mode) without its dead heads, FFN units and constant blocks.
 
@@ -69,10 +69,16 @@ def simplify_transformer(
         return_kept: also return ``kept``, new parameter name → (old parameter name, kept indices
             per dimension: ``()`` when unchanged, ``None`` when new or changed in value), the
             format of :func:`neuronwise.simplify` (compose both with :func:`compose_kept`).
+        pinned: names of modules whose neurons are kept: a module that is pinned, or holds or
+            lies inside a pinned one, is left as it is.
     """
     check_model_and_example(model, example_input)
     model = copy.deepcopy(model).eval()
     calls = _record_calls(model, example_input[:1].detach())
+    pinned = set(pinned)
+    for name in list(calls):
+        if any(name == p or p.startswith(name + ".") or name.startswith(p + ".") for p in pinned):
+            del calls[name]
     kept: Kept = {}
     replaced: list[str] = []
     for name, module in list(model.named_modules()):
