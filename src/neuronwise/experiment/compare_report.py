@@ -1,0 +1,210 @@
+"""Records of comparisons: ``comparisons.csv``, its mean ± std tables and plots, and their check.
+
+The CSV holds one row per (comparison, method, seed, target reached) with exactly the columns
+:data:`COLUMNS`; ``run`` is the folder under the runs directory and ``epoch`` the line of its
+metrics.jsonl whose numbers the row quotes (:func:`check_csv` verifies that they are found there).
+The tables and plots are generated from the same rows: mean and sample standard deviation
+(n − 1) over the seeds that reached a target.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+from neuronwise.io import atomic_write_bytes, atomic_write_text
+
+from .compare import REMAINING, Comparison, run_name, select, targets_of
+
+COLUMNS = ("comparison", "method", "seed", "run", "epoch", "epochs_budget", "remaining_percent",
+           "test_error_percent")
+# Numbers are written with 6 decimals; the check allows that rounding.
+_TOLERANCE = 1e-6
+
+
+def _history(directory: Path) -> list[dict]:
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def comparison_rows(comparison: Comparison, runs: Path) -> tuple[list[dict], list[str]]:
+    """CSV rows of the finished runs, and a note for every run that is missing or unfinished."""
+    rows, notes = [], []
+    for method in comparison.methods:
+        for seed in comparison.seeds:
+            name = run_name(comparison, method, seed)
+            history = _history(runs / name)
+            done = max((r["epoch"] for r in history), default=0)
+            if done != comparison.epochs:
+                notes.append(f"{name}: {done} of {comparison.epochs} epochs, left out")
+                continue
+            for target in targets_of(comparison, method):
+                chosen = select(history, target, comparison.candidates)
+                if chosen is None:
+                    continue
+                rows.append({
+                    "comparison": comparison.name, "method": method, "seed": seed, "run": name,
+                    "epoch": chosen.epoch, "epochs_budget": comparison.epochs,
+                    "remaining_percent": f"{chosen.remaining_percent:.6f}",
+                    "test_error_percent": f"{chosen.test_error_percent:.6f}",
+                    "target": target,
+                })
+    return rows, notes
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise ValueError(f"{path}: expected the columns {','.join(COLUMNS)}, "
+                             f"got {','.join(reader.fieldnames or [])}")
+        return list(reader)
+
+
+def write_csv(path: Path, comparison: str, rows: list[dict]) -> None:
+    """Replace ``comparison``'s rows of the CSV at ``path`` by ``rows``, keeping the others."""
+    kept = [r for r in read_csv(path) if r["comparison"] != comparison]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept + rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def check_csv(path: Path, runs: Path) -> list[str]:
+    """Every way the CSV disagrees with the run records (empty: each row is found at its epoch)."""
+    problems = []
+    for number, row in enumerate(read_csv(path), start=2):
+        where = f"{path}:{number} ({row['run']}, epoch {row['epoch']})"
+        lines = [r for r in _history(runs / row["run"]) if r["epoch"] == int(row["epoch"])]
+        if not lines:
+            problems.append(f"{where}: no such line in {runs / row['run'] / 'metrics.jsonl'}")
+            continue
+        line = lines[0]
+        expected = {"remaining_percent": line[REMAINING],
+                    "test_error_percent": 100.0 - line["test_accuracy"]}
+        for key, value in expected.items():
+            if abs(float(row[key]) - value) > _TOLERANCE:
+                problems.append(f"{where}: {key} {row[key]} but the line gives {value:.6f}")
+        last = max(r["epoch"] for r in _history(runs / row["run"]))
+        if last != int(row["epochs_budget"]):
+            problems.append(f"{where}: epochs_budget {row['epochs_budget']} but the run has {last}")
+    return problems
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    spread = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "n/a"
+    return f"{mean:.2f} ± {spread}"
+
+
+def summary(comparison: Comparison, rows: list[dict]) -> dict:
+    """{(target, method): {"seeds": [...], "remaining": [...], "error": [...]}} from the rows of
+    :func:`comparison_rows` (which carry their ``target``)."""
+    table: dict = {}
+    for row in rows:
+        cell = table.setdefault((row["target"], row["method"]),
+                                {"seeds": [], "remaining": [], "error": []})
+        cell["seeds"].append(int(row["seed"]))
+        cell["remaining"].append(float(row["remaining_percent"]))
+        cell["error"].append(float(row["test_error_percent"]))
+    return table
+
+
+def markdown(comparison: Comparison, rows: list[dict], notes: list[str], plot: str | None) -> str:
+    """The comparison's section: settings, one mean ± std table row per (target, method)."""
+    table = summary(comparison, rows)
+    seeds = ", ".join(str(s) for s in comparison.seeds)
+    lines = [
+        f"## {comparison.name}", "",
+        (f"Budget {comparison.epochs} epochs per run, seeds {seeds}; per target, the "
+         f"best-validation epoch among the first {comparison.candidates} epochs at or below the "
+         f"target (module `neuronwise.experiment.compare`). Mean ± sample std over the seeds that "
+         f"reached the target; `n` = how many did."), "",
+        "| target ≤ % | method | n | remaining % | test error % |", "|---|---|---|---|---|"]
+    for target in sorted({t for t, _ in table}, reverse=True):
+        for method in comparison.methods:
+            if target not in targets_of(comparison, method):
+                continue
+            cell = table.get((target, method))
+            if cell is None:
+                lines.append(f"| {target:g} | {method} | 0/{len(comparison.seeds)} | "
+                             f"not reached | — |")
+                continue
+            lines.append(f"| {target:g} | {method} | {len(cell['seeds'])}/{len(comparison.seeds)} "
+                         f"| {_mean_std(cell['remaining'])} | {_mean_std(cell['error'])} |")
+    if notes:
+        lines += ["", "Not yet in the table: " + "; ".join(notes) + "."]
+    if plot:
+        lines += ["", f"![{comparison.name}: test error vs remaining parameters]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
+    """Test error vs remaining parameters (log x): per method the means over seeds at each target,
+    with ± std bars on both axes and a ± std band on the error."""
+    from .report import _pyplot
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    table = summary(comparison, rows)
+    for method in comparison.methods:
+        cells = sorted((v for (t, m), v in table.items() if m == method),
+                       key=lambda c: -statistics.fmean(c["remaining"]))
+        if not cells:
+            continue
+        x = [statistics.fmean(c["remaining"]) for c in cells]
+        y = [statistics.fmean(c["error"]) for c in cells]
+        dx = [statistics.stdev(c["remaining"]) if len(c["remaining"]) > 1 else 0.0 for c in cells]
+        dy = [statistics.stdev(c["error"]) if len(c["error"]) > 1 else 0.0 for c in cells]
+        bars = axis.errorbar(x, y, xerr=dx, yerr=dy, marker="o", capsize=3, label=method)
+        axis.fill_between(x, [a - b for a, b in zip(y, dy)], [a + b for a, b in zip(y, dy)],
+                          alpha=0.15, color=bars[0].get_color())
+    axis.set_xscale("log")
+    axis.set_xlabel("remaining parameters % ('paper' convention)")
+    axis.set_ylabel("test error %")
+    axis.set_title(f"{comparison.name}: {comparison.epochs} epochs, "
+                   f"{len(comparison.seeds)} seeds (mean ± std)", fontsize=10)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_records(comparison: Comparison, runs: Path, results: Path) -> tuple[Path, list[str]]:
+    """Rewrite this comparison's CSV rows, its section file and its plot under ``results``.
+
+    Returns the section's path and the notes on runs left out. The section is
+    ``results/comparisons/NAME.md`` with ``NAME.png`` beside it; an index of all sections is
+    ``results/comparisons.md``.
+    """
+    rows, notes = comparison_rows(comparison, runs)
+    write_csv(results / "comparisons.csv", comparison.name, rows)
+    folder = results / "comparisons"
+    plot = None
+    if rows:
+        atomic_write_bytes(folder / f"{comparison.name}.png", plot_png(comparison, rows))
+        plot = f"{comparison.name}.png"
+    section = folder / f"{comparison.name}.md"
+    atomic_write_text(section, markdown(comparison, rows, notes, plot))
+    _write_index(results)
+    return section, notes
+
+
+def _write_index(results: Path) -> None:
+    sections = sorted((results / "comparisons").glob("*.md"))
+    text = ["# Comparisons", "",
+            "Generated by `neuronwise compare` from `comparisons.csv` (do not edit by hand).", ""]
+    text += [f"- [{s.stem}](comparisons/{s.name})" for s in sections]
+    atomic_write_text(results / "comparisons.md", "\n".join(text) + "\n")
+
