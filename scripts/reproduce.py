@@ -169,6 +169,8 @@ def needs(step: tuple[str, str, tuple[str, ...]], names: set[str]) -> set[str]:
 
 
 def _shown(line: list[str]) -> str:
+    if line[:2] == ["sh", "-c"]:
+        return "$ " + line[2]
     shown = ["neuronwise", *line[3:]] if line[1:3] == ["-m", "neuronwise"] else ["python", *line[1:]]
     return "$ " + " ".join(shown)
 
