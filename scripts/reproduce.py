@@ -70,6 +70,10 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("configs/study/oneshot_vs_gradual_lenet5_fashion.yaml", "--set", "base.train.seed=1")),
     # Budget-matched multi-seed comparisons: runs and records always in docs/results (issue 19).
     ("compare-lenet300-mnist", "compare", ("configs/compare/lenet300_mnist.yaml",)),
+    ("compare-lenet300-mnist-lobster-search", "compare",
+     ("configs/compare/lenet300_mnist_lobster_search.yaml",)),
+    ("compare-lenet5-mnist", "compare", ("configs/compare/lenet5_mnist.yaml",)),
+    ("compare-lenet5-fashion", "compare", ("configs/compare/lenet5_fashion.yaml",)),
     # Benchmarks: (script, output file under docs/results, script arguments).
     ("bench-lobster-overhead", "bench", ("benchmarks/lobster_overhead.py", "lobster_overhead.txt",
                                          "--rounds", "30")),
