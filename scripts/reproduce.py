@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_parallel(steps, args, environment)
     for name, kind, step_args in steps:
         if args.list:
-            print(f"{name:<32} {kind:<9} {state(name, kind, args.records, step_args)}")
+            print(f"{name:<38} {kind:<9} {state(name, kind, args.records, step_args)}")
             continue
         line = command(name, kind, step_args, args.runs, args.threads)
         print(_shown(line), flush=True)

@@ -10,7 +10,7 @@ import pytest
 
 from neuronwise.experiment.cli import main
 from neuronwise.experiment.compare import load_comparison, select
-from neuronwise.experiment.compare_report import COLUMNS, check_csv, read_csv
+from neuronwise.experiment.compare_report import COLUMNS, check_csv, read_csv, refresh_quotes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,9 +76,16 @@ methods:
 def test_compare_trains_every_run_and_writes_records_found_in_the_runs(tmp_path, comparison,
                                                                        capsys):
     runs, results = tmp_path / "runs", tmp_path / "results"
+    document = tmp_path / "RESULTS.md"  # beside the results folder, like docs/RESULTS.md
+    document.write_text("# R\n\n<!-- generated from results/comparisons/tiny.md: do not edit -->\n"
+                        "stale\n<!-- end of generated -->\nafter\n")
     argv = ["compare", str(comparison), "--runs", str(runs), "--results", str(results),
             "--threads", "1"]
     assert main(argv) == 0
+    quoted = document.read_text()
+    assert "stale" not in quoted and quoted.endswith("<!-- end of generated -->\nafter\n")
+    assert "\n### tiny\n" in quoted and "| 50 | iterative | 2/2 |" in quoted
+    assert "](results/comparisons/tiny.png)" in quoted
     names = sorted(p.name for p in runs.iterdir())
     assert names == sorted(f"tiny-{m}-s{s}" for m in ("lobster", "iterative", "oneshot")
                            for s in (0, 1))
@@ -150,3 +157,15 @@ def test_the_recorded_comparisons_are_found_in_their_runs():
         pytest.skip("no docs/results/comparisons.csv yet")
     assert read_csv(path), "comparisons.csv has no rows"
     assert check_csv(path, ROOT / "docs" / "results" / "runs") == []
+
+
+def test_results_md_quotes_the_generated_tables_as_they_are(tmp_path):
+    """docs/RESULTS.md's generated blocks equal what refresh_quotes makes of the current files."""
+    document = tmp_path / "RESULTS.md"
+    original = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    document.write_text(original, encoding="utf-8")
+    (tmp_path / "results").symlink_to(ROOT / "docs" / "results")
+    quoted = refresh_quotes(document)
+    if not quoted:
+        pytest.skip("docs/RESULTS.md quotes no generated table yet")
+    assert document.read_text(encoding="utf-8") == original, "rerun neuronwise compare"

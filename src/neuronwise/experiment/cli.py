@@ -151,7 +151,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import load_comparison, run_all
-    from .compare_report import check_csv, write_records
+    from .compare_report import check_csv, refresh_quotes, write_records
 
     comparison = load_comparison(args.config, list(args.set or []))
     runs, results = Path(args.runs), Path(args.results)
@@ -161,6 +161,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             extra.append(f"data.root={args.data_root}")
         run_all(comparison, runs, extra)
     section, notes = write_records(comparison, runs, results)
+    refresh_quotes(results.parent / "RESULTS.md")  # docs/RESULTS.md quotes the generated tables
     for note in notes:
         print(f"compare: {note}")
     problems = check_csv(results / "comparisons.csv", runs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -208,3 +209,37 @@ def _write_index(results: Path) -> None:
     text += [f"- [{s.stem}](comparisons/{s.name})" for s in sections]
     atomic_write_text(results / "comparisons.md", "\n".join(text) + "\n")
 
+
+
+_QUOTE = re.compile(r"(<!-- generated from (\S+): do not edit -->\n)(.*?)(<!-- end of generated -->)",
+                    re.DOTALL)
+
+
+def refresh_quotes(document: Path) -> list[str]:
+    """Replace each quoted block of ``document`` by the current text of the file it names.
+
+    A block is ``<!-- generated from PATH: do not edit -->`` … ``<!-- end of generated -->``, PATH
+    relative to the document (e.g. ``results/comparisons/lenet300-mnist.md`` in docs/RESULTS.md);
+    the quoted section's own ``## `` title and relative links are adapted to the document's folder.
+    Returns the quoted paths.
+    """
+    if not document.is_file():
+        return []
+    text = document.read_text(encoding="utf-8")
+    quoted: list[str] = []
+
+    def body(match: re.Match) -> str:
+        source = document.parent / match.group(2)
+        quoted.append(match.group(2))
+        if not source.is_file():
+            return match.group(0)
+        lines = source.read_text(encoding="utf-8").splitlines()
+        folder = Path(match.group(2)).parent.as_posix()
+        content = "\n".join(f"#{line}" if line.startswith("## ") else line for line in lines)
+        content = re.sub(r"\]\((?!https?:|/)([^)]+)\)", rf"]({folder}/\1)", content)
+        return f"{match.group(1)}{content}\n{match.group(4)}"
+
+    updated = _QUOTE.sub(body, text)
+    if updated != text:
+        atomic_write_text(document, updated)
+    return quoted
