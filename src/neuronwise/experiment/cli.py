@@ -162,8 +162,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         run_all(comparison, runs, extra)
     section, notes = write_records(comparison, runs, results)
     refresh_quotes(results.parent / "RESULTS.md")  # docs/RESULTS.md quotes the generated tables
-    for note in notes:
-        print(f"compare: {note}")
+    for method, waiting in notes.items():
+        if waiting:
+            print(f"compare: {method}: not finished: {', '.join(waiting)}")
     problems = check_csv(results / "comparisons.csv", runs)
     for problem in problems:
         print(f"compare: check: {problem}", file=sys.stderr)

@@ -33,16 +33,18 @@ def _history(directory: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def comparison_rows(comparison: Comparison, runs: Path) -> tuple[list[dict], list[str]]:
-    """CSV rows of the finished runs, and a note for every run that is missing or unfinished."""
-    rows, notes = [], []
+def comparison_rows(comparison: Comparison, runs: Path) -> tuple[list[dict], dict[str, list[str]]]:
+    """CSV rows of the finished runs, and per method the runs still missing or unfinished
+    (``"s1 (40/100 epochs)"``)."""
+    rows: list[dict] = []
+    notes: dict[str, list[str]] = {m: [] for m in comparison.methods}
     for method in comparison.methods:
         for seed in comparison.seeds:
             name = run_name(comparison, method, seed)
             history = _history(runs / name)
             done = max((r["epoch"] for r in history), default=0)
             if done != comparison.epochs:
-                notes.append(f"{name}: {done} of {comparison.epochs} epochs, left out")
+                notes[method].append(f"s{seed} ({done}/{comparison.epochs} epochs)")
                 continue
             for target in targets_of(comparison, method):
                 chosen = select(history, target, comparison.candidates)
@@ -119,30 +121,36 @@ def summary(comparison: Comparison, rows: list[dict]) -> dict:
     return table
 
 
-def markdown(comparison: Comparison, rows: list[dict], notes: list[str], plot: str | None) -> str:
+def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str]],
+             plot: str | None) -> str:
     """The comparison's section: settings, one mean ± std table row per (target, method)."""
     table = summary(comparison, rows)
+    targets = sorted({t for m in comparison.methods for t in targets_of(comparison, m)},
+                     reverse=True)
     seeds = ", ".join(str(s) for s in comparison.seeds)
     lines = [
         f"## {comparison.name}", "",
         (f"Budget {comparison.epochs} epochs per run, seeds {seeds}; per target, the "
          f"best-validation epoch among the first {comparison.candidates} epochs at or below the "
          f"target (module `neuronwise.experiment.compare`). Mean ± sample std over the seeds that "
-         f"reached the target; `n` = how many did."), "",
+         f"reached the target; `n` = how many did, of the finished runs."), "",
         "| target ≤ % | method | n | remaining % | test error % |", "|---|---|---|---|---|"]
-    for target in sorted({t for t, _ in table}, reverse=True):
+    for target in targets:
         for method in comparison.methods:
             if target not in targets_of(comparison, method):
                 continue
+            finished = len(comparison.seeds) - len(notes[method])
             cell = table.get((target, method))
-            if cell is None:
-                lines.append(f"| {target:g} | {method} | 0/{len(comparison.seeds)} | "
-                             f"not reached | — |")
-                continue
-            lines.append(f"| {target:g} | {method} | {len(cell['seeds'])}/{len(comparison.seeds)} "
-                         f"| {_mean_std(cell['remaining'])} | {_mean_std(cell['error'])} |")
-    if notes:
-        lines += ["", "Not yet in the table: " + "; ".join(notes) + "."]
+            if finished == 0:
+                lines.append(f"| {target:g} | {method} | 0/0 | no finished run | — |")
+            elif cell is None:
+                lines.append(f"| {target:g} | {method} | 0/{finished} | not reached | — |")
+            else:
+                lines.append(f"| {target:g} | {method} | {len(cell['seeds'])}/{finished} "
+                             f"| {_mean_std(cell['remaining'])} | {_mean_std(cell['error'])} |")
+    waiting = [f"{m} {', '.join(n)}" for m, n in notes.items() if n]
+    if waiting:
+        lines += ["", "Not finished (not in the table): " + "; ".join(waiting) + "."]
     if plot:
         lines += ["", f"![{comparison.name}: test error vs remaining parameters]({plot})"]
     return "\n".join(lines) + "\n"
@@ -182,10 +190,11 @@ def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-def write_records(comparison: Comparison, runs: Path, results: Path) -> tuple[Path, list[str]]:
+def write_records(comparison: Comparison, runs: Path, results: Path
+                  ) -> tuple[Path, dict[str, list[str]]]:
     """Rewrite this comparison's CSV rows, its section file and its plot under ``results``.
 
-    Returns the section's path and the notes on runs left out. The section is
+    Returns the section's path and the runs left out (unfinished), per method. The section is
     ``results/comparisons/NAME.md`` with ``NAME.png`` beside it; an index of all sections is
     ``results/comparisons.md``.
     """
