@@ -177,10 +177,14 @@ def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
         axis.fill_between(x, [a - b for a, b in zip(y, dy)], [a + b for a, b in zip(y, dy)],
                           alpha=0.15, color=bars[0].get_color())
     axis.set_xscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    axis.xaxis.set_major_formatter(ScalarFormatter())
+    axis.xaxis.set_minor_formatter(ScalarFormatter())
     axis.set_xlabel("remaining parameters % ('paper' convention)")
     axis.set_ylabel("test error %")
-    axis.set_title(f"{comparison.name}: {comparison.epochs} epochs, "
-                   f"{len(comparison.seeds)} seeds (mean ± std)", fontsize=10)
+    axis.set_title(f"{comparison.name}: {comparison.epochs} epochs per run\n"
+                   f"mean ± std over the finished seeds (n in the table)", fontsize=9)
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     figure.tight_layout()
