@@ -154,7 +154,10 @@ def _compare_state(config: str, runs: Path) -> str:
 
     comparison = load_comparison(config)
     names = [run_name(comparison, m, s) for s in comparison.seeds for m in comparison.methods]
-    done = sum(state(n, "run", runs) == "done" for n in names)
+    states = [state(n, "run", runs) for n in names]
+    if all(s == "not started" for s in states):
+        return "not started"
+    done = states.count("done")
     return "done" if done == len(names) else f"{done} of {len(names)} runs done"
 
 

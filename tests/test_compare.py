@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from neuronwise.experiment.cli import main
-from neuronwise.experiment.compare import load_comparison, select
+from neuronwise.experiment.compare import load_comparison, run_config, select
 from neuronwise.experiment.compare_report import COLUMNS, check_csv, read_csv, refresh_quotes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,3 +172,16 @@ def test_results_md_quotes_the_generated_tables_as_they_are(tmp_path):
     if not quoted:
         pytest.skip("docs/RESULTS.md quotes no generated table yet")
     assert document.read_text(encoding="utf-8") == original, "rerun neuronwise compare"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "compare").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_comparisons_load_with_every_method_config(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # method configs are named relative to the repository
+    comparison = load_comparison(path)
+    assert len(comparison.seeds) >= 3 and comparison.methods
+    for method in comparison.methods:
+        config = run_config(comparison, method, comparison.seeds[-1])
+        assert config.train.epochs == comparison.epochs
+        assert config.name == f"{comparison.name}-{method}-s{comparison.seeds[-1]}"
+        assert config.model.init_from is None  # every method starts from a random initialization
