@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from neuronwise.experiment.cli import main
-from neuronwise.experiment.compare import load_comparison, run_config, select
+from neuronwise.experiment.compare import first_epoch_at, load_comparison, run_config, select
 from neuronwise.experiment.compare_report import COLUMNS, check_csv, read_csv, refresh_quotes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,19 @@ def test_select_takes_the_first_unpruned_epochs_below_the_target_and_the_best_va
     assert select(history, target=100.0, candidates=1).epoch == 1
 
 
+def test_time_to_target_is_the_first_unpruned_epoch_meeting_both_bounds():
+    history = [
+        _line(1, 100.0, 90.0, 99.0),
+        _line(2, 5.0, 90.0, 99.5),   # pruned at its end: measured at 100 %
+        _line(3, 5.0, 90.0, 97.0),   # 3 % error: above the bound
+        _line(4, 5.0, 90.0, 98.5),
+        _line(5, 5.0, 90.0, 99.0),
+    ]
+    assert first_epoch_at(history, remaining=5.0, error=1.5)["epoch"] == 4
+    assert first_epoch_at(history, remaining=4.0, error=1.5) is None
+    assert first_epoch_at(history, remaining=5.0, error=0.5) is None
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -65,6 +78,7 @@ epochs: 6
 seeds: [0, 1]
 candidates: 1
 targets: [100, 50]
+time_to_target: [50, 100]
 methods:
   lobster: {{config: {lobster}}}
   iterative: {{config: {iterative}, set: [pruning.sparsity=0.5]}}
@@ -109,6 +123,8 @@ def test_compare_trains_every_run_and_writes_records_found_in_the_runs(tmp_path,
     assert check_csv(csv_path, runs) == []
     section = (results / "comparisons" / "tiny.md").read_text()
     assert "| 50 | iterative | 2/2 |" in section and "±" in section
+    # Every finished iterative run meets ≤ 50 % at ≤ 100 % error first at epoch 3 (pruned at 2).
+    assert "| iterative | 2/2 | 3.00 ± 0.00 |" in section
     assert (results / "comparisons" / "tiny.png").stat().st_size > 0
     assert "comparisons/tiny.md" in (results / "comparisons.md").read_text()
 

@@ -23,6 +23,9 @@ second condition keeps only epochs that pruned nothing at their end: a line's ac
 measured before the epoch's pruning step and its parameter count after it, so only then do both
 describe the same model. The candidate with the highest validation accuracy (earliest on a tie) is
 the run's result at T; a run with fewer candidates has none (T not reached within the budget).
+
+Optional ``time_to_target: [R, E]``: per run, the first such epoch with r(e) ≤ R and test error
+≤ E (:func:`first_epoch_at`), reported as epochs to the target.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Comparison:
     candidates: int
     targets: list
     methods: dict  # method name -> MethodSpec
+    time_to_target: list | None = None  # [remaining %, test error %]: first epoch meeting both
 
 
 @dataclass
@@ -112,7 +116,12 @@ def comparison_from_dict(data: dict, source: str = "comparison") -> Comparison:
         methods[str(method)] = MethodSpec(
             config=_field(spec, "config", str, where), set=overrides,
             targets=None if own is None else _numbers(own, f"methods.{method}.targets", source))
-    comparison = Comparison(name, epochs, list(seeds), candidates, targets, methods)
+    goal = data.get("time_to_target")
+    if goal is not None and len(_numbers(goal, "time_to_target", source)) != 2:
+        raise ConfigError(f"{source}: time_to_target: expected [remaining %, test error %], "
+                          f"got {goal!r}")
+    comparison = Comparison(name, epochs, list(seeds), candidates, targets, methods,
+                            None if goal is None else [float(v) for v in goal])
     for method in methods:
         run_config(comparison, method, seeds[0])
     return comparison
@@ -163,6 +172,19 @@ def select(history: list[dict], target: float, candidates: int) -> Selection | N
     return Selection(target=target, epoch=int(best["epoch"]), remaining_percent=best[REMAINING],
                      test_error_percent=100.0 - best["test_accuracy"],
                      val_accuracy=best["val_accuracy"])
+
+
+def first_epoch_at(history: list[dict], remaining: float, error: float) -> dict | None:
+    """Time to target: the first line (of a model not pruned at that epoch's end, as in
+    :func:`select`) with at most ``remaining`` % of the parameters and at most ``error`` % test
+    error. A measurement of when a test-set criterion is first met, not a selection."""
+    previous = 100.0
+    for line in sorted(history, key=lambda r: r["epoch"]):
+        left = line[REMAINING]
+        if left <= remaining and left == previous and 100.0 - line["test_accuracy"] <= error:
+            return line
+        previous = left
+    return None
 
 
 def run_all(comparison: Comparison, runs: Path, extra: list[str] | None = None,

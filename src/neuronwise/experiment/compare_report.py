@@ -18,7 +18,7 @@ from pathlib import Path
 
 from neuronwise.io import atomic_write_bytes, atomic_write_text
 
-from .compare import REMAINING, Comparison, run_name, select, targets_of
+from .compare import REMAINING, Comparison, first_epoch_at, run_name, select, targets_of
 
 COLUMNS = ("comparison", "method", "seed", "run", "epoch", "epochs_budget", "remaining_percent",
            "test_error_percent")
@@ -121,8 +121,36 @@ def summary(comparison: Comparison, rows: list[dict]) -> dict:
     return table
 
 
+def time_to_target(comparison: Comparison, runs: Path) -> dict[str, list[int | None]]:
+    """Per method, the epoch of :func:`first_epoch_at` of each finished run (None: not met)."""
+    remaining, error = comparison.time_to_target
+    result: dict[str, list[int | None]] = {}
+    for method in comparison.methods:
+        for seed in comparison.seeds:
+            history = _history(runs / run_name(comparison, method, seed))
+            if max((r["epoch"] for r in history), default=0) != comparison.epochs:
+                continue
+            line = first_epoch_at(history, remaining, error)
+            result.setdefault(method, []).append(None if line is None else int(line["epoch"]))
+    return result
+
+
+def _time_table(comparison: Comparison, times: dict) -> list[str]:
+    remaining, error = comparison.time_to_target
+    title = (f"Time to target (first epoch with ≤ {remaining:g} % of the parameters at "
+             f"≤ {error:g} % test error; a measurement on the test set, not a selection):")
+    lines = ["", title, "",
+             "| method | met | epochs (mean ± std over the runs that met it) |", "|---|---|---|"]
+    for method in comparison.methods:
+        epochs = [e for e in times.get(method, []) if e is not None]
+        finished = len(times.get(method, []))
+        spread = _mean_std([float(e) for e in epochs]) if epochs else "—"
+        lines.append(f"| {method} | {len(epochs)}/{finished} | {spread} |")
+    return lines
+
+
 def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str]],
-             plot: str | None) -> str:
+             plot: str | None, time_rows: dict | None = None) -> str:
     """The comparison's section: settings, one mean ± std table row per (target, method)."""
     table = summary(comparison, rows)
     targets = sorted({t for m in comparison.methods for t in targets_of(comparison, m)},
@@ -148,6 +176,8 @@ def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str
             else:
                 lines.append(f"| {target:g} | {method} | {len(cell['seeds'])}/{finished} "
                              f"| {_mean_std(cell['remaining'])} | {_mean_std(cell['error'])} |")
+    if comparison.time_to_target and time_rows is not None:
+        lines += _time_table(comparison, time_rows)
     waiting = [f"{m} {', '.join(n)}" for m, n in notes.items() if n]
     if waiting:
         lines += ["", "Not finished (not in the table): " + "; ".join(waiting) + "."]
@@ -210,7 +240,8 @@ def write_records(comparison: Comparison, runs: Path, results: Path
         atomic_write_bytes(folder / f"{comparison.name}.png", plot_png(comparison, rows))
         plot = f"{comparison.name}.png"
     section = folder / f"{comparison.name}.md"
-    atomic_write_text(section, markdown(comparison, rows, notes, plot))
+    times = time_to_target(comparison, runs) if comparison.time_to_target else None
+    atomic_write_text(section, markdown(comparison, rows, notes, plot, times))
     _write_index(results)
     return section, notes
 
