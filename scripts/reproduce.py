@@ -8,7 +8,7 @@ at a time (each then writes ``RUNS/NAME.log``), a step starting only after the s
 ``simplify`` after its run, a run whose config has ``model.init_from: runs/OTHER/...`` after OTHER.
 The first failure stops the script (running steps finish) with its exit status.
 
-    python scripts/reproduce.py --list                 # the steps and their state
+    python scripts/reproduce.py --list                 # the steps and their records' state
     python scripts/reproduce.py --only lenet300        # every step whose name contains "lenet300"
     python scripts/reproduce.py --threads 1 --dry-run  # print the commands only
     python scripts/reproduce.py --jobs 3 --threads 1   # three steps at a time, one thread each
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -33,7 +34,8 @@ from neuronwise.experiment.config import read_yaml
 
 # (step name = run directory under --runs, kind, arguments). Kinds: "run" (neuronwise run CONFIG,
 # resumable), "study" (neuronwise study, resumes itself), "simplify" (of the run named first),
-# "script" (a resumable benchmarks/ script taking --out).
+# "script" (a resumable benchmarks/ script taking --out), "compare" (neuronwise compare CONFIG,
+# resumes its runs in docs/results/runs), "bench" (a benchmark whose output is kept).
 STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("dense-lenet300-mnist", "run", ("configs/baselines/lenet300_mnist_dense.yaml",)),
     ("iterative-lenet300-mnist", "run", ("configs/baselines/lenet300_mnist_iterative.yaml",)),
@@ -66,7 +68,32 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("study-lenet5-fashion", "study", ("configs/study/oneshot_vs_gradual_lenet5_fashion.yaml",)),
     ("study-lenet5-fashion-seed1", "study",
      ("configs/study/oneshot_vs_gradual_lenet5_fashion.yaml", "--set", "base.train.seed=1")),
+    # Budget-matched multi-seed comparisons: runs and records always in docs/results (issue 19).
+    ("compare-lenet300-mnist", "compare", ("configs/compare/lenet300_mnist.yaml",)),
+    ("compare-lenet300-mnist-lobster-search", "compare",
+     ("configs/compare/lenet300_mnist_lobster_search.yaml",)),
+    ("compare-lenet5-mnist", "compare", ("configs/compare/lenet5_mnist.yaml",)),
+    ("compare-lenet5-fashion", "compare", ("configs/compare/lenet5_fashion.yaml",)),
+    # Benchmarks: (script, output file under docs/results, script arguments).
+    ("bench-lobster-overhead", "bench", ("benchmarks/lobster_overhead.py", "lobster_overhead.txt",
+                                         "--rounds", "30")),
+    ("bench-memory-format", "bench", ("benchmarks/memory_format.py", "memory_format.txt",
+                                      "--models", "lenet5", "resnet20", "--rounds", "15",
+                                      "--threads", "1")),
+    ("bench-neq-backward", "bench", ("benchmarks/neq_backward.py", "neq_backward.txt", "--threads",
+                                     "1", "--batch", "32", "100", "--rounds", "30", "--layers")),
+    ("bench-neq-backward-channels-last", "bench",
+     ("benchmarks/neq_backward.py", "neq_backward_channels_last.txt", "--models", "lenet5",
+      "--batch", "32", "100", "--rounds", "20", "--channels-last")),
+    ("bench-simplify-latency", "bench", ("benchmarks/simplify_latency.py", "simplify_latency.txt",
+                                         "--threads", "1")),
+    ("bench-data-path", "bench", ("benchmarks/data_path.py", "data_path.txt", "--max-batches",
+                                  "200", "--repeats", "3", "--threads", "1")),
+    ("bench-structured-baselines", "bench",
+     ("benchmarks/structured_baselines.py", "structured_baselines.txt",
+      "--serene-run", "runs/serene-lenet300-mnist-fast", "--dense-run", "runs/dense-lenet300-mnist")),
 )
+RESULTS = Path("docs/results")  # comparison records and benchmark outputs
 
 
 def command(name: str, kind: str, args: tuple[str, ...], runs: Path, threads: int | None) -> list[str]:
@@ -84,19 +111,36 @@ def command(name: str, kind: str, args: tuple[str, ...], runs: Path, threads: in
         return [*cli, "simplify", str(directory), "--export", str(directory / "simplified.onnx")]
     if kind == "script":
         return [sys.executable, args[0], *args[1:], "--out", str(directory), *threads_set]
+    if kind == "compare":
+        return [*cli, "compare", args[0], *(["--threads", str(threads)] if threads else [])]
+    if kind == "bench":  # one thread, stdout kept as docs/results/OUTPUT once the script succeeds
+        out = RESULTS / args[1]
+        script = " ".join(shlex.quote(a) for a in (sys.executable, args[0], *args[2:]))
+        return ["sh", "-c", f"OMP_NUM_THREADS=1 {script} > {out}.part && mv {out}.part {out}"]
     raise ValueError(f"Invalid step kind: {kind!r}")
 
 
-def state(name: str, kind: str, runs: Path) -> str:
-    """'done', 'epoch E of N', 'started' or 'not started', read from the run directory."""
+def state(name: str, kind: str, runs: Path, args: tuple[str, ...] = ()) -> str:
+    """'done', 'epoch E of N', 'K of N runs done', 'started' or 'not started', read from the run
+    directory (a benchmark: its output file; a comparison: its runs)."""
     directory = runs / name
-    if kind == "simplify":
-        return "done" if (directory / "simplified.onnx").exists() else "not started"
+    if kind == "simplify":  # the records keep simplify.json, not the ONNX file
+        done = (directory / "simplified.onnx").exists() or (directory / "simplify.json").exists()
+        return "done" if done else "not started"
+    if kind == "bench":
+        return "done" if (RESULTS / args[1]).exists() else "not started"
+    if kind == "compare":
+        return _compare_state(args[0], runs)
     if not directory.exists():
         return "not started"
-    if kind == "study":  # the report is written last
-        return "done" if (directory / "study.md").exists() else "started"
+    if kind == "study":  # the report is written last (the records keep study.json beside it)
+        done = (directory / "study.md").exists() or (directory / "study.json").exists()
+        return "done" if done else "started"
     metrics, config = directory / "metrics.jsonl", directory / "config.yaml"
+    if kind == "script":  # done when each of its runs is
+        runs_of = [p.name for p in sorted(directory.iterdir()) if (p / "config.yaml").exists()]
+        done = runs_of and all(state(n, "run", directory) == "done" for n in runs_of)
+        return f"done ({len(runs_of)} runs)" if done else "started"
     if kind != "run" or not metrics.exists() or not config.exists():
         return "started"
     lines = metrics.read_text().splitlines()
@@ -105,11 +149,25 @@ def state(name: str, kind: str, runs: Path) -> str:
     return "done" if epoch >= wanted else f"epoch {epoch} of {wanted}"
 
 
+def _compare_state(config: str, runs: Path) -> str:
+    from neuronwise.experiment.compare import load_comparison, run_name
+
+    comparison = load_comparison(config)
+    names = [run_name(comparison, m, s) for s in comparison.seeds for m in comparison.methods]
+    states = [state(n, "run", runs) for n in names]
+    if all(s == "not started" for s in states):
+        return "not started"
+    done = states.count("done")
+    return "done" if done == len(names) else f"{done} of {len(names)} runs done"
+
+
 def needs(step: tuple[str, str, tuple[str, ...]], names: set[str]) -> set[str]:
     """The names among ``names`` of the steps that must finish before ``step`` starts."""
     name, kind, args = step
     if kind == "simplify":
         return {name} & names
+    if kind == "bench":  # the runs its arguments read
+        return {Path(a).parts[1] for a in args if a.startswith("runs/")} & names
     if kind != "run":
         return set()
     init = (read_yaml(args[0]).get("model") or {}).get("init_from") or ""
@@ -118,6 +176,8 @@ def needs(step: tuple[str, str, tuple[str, ...]], names: set[str]) -> set[str]:
 
 
 def _shown(line: list[str]) -> str:
+    if line[:2] == ["sh", "-c"]:
+        return "$ " + line[2]
     shown = ["neuronwise", *line[3:]] if line[1:3] == ["-m", "neuronwise"] else ["python", *line[1:]]
     return "$ " + " ".join(shown)
 
@@ -173,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="only steps whose name contains TEXT (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="--set train.threads=N")
     parser.add_argument("--data-root", help="data folder (default: $NEURONWISE_DATA)")
-    parser.add_argument("--list", action="store_true", help="list the steps and their state")
+    parser.add_argument("--records", type=Path, default=RESULTS / "runs",
+                        help="the quoted records --list reads (default: docs/results/runs)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the steps and the state of their records")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at the same time, each logging to RUNS/NAME.log")
@@ -191,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_parallel(steps, args, environment)
     for name, kind, step_args in steps:
         if args.list:
-            print(f"{name:<32} {kind:<9} {state(name, kind, args.runs)}")
+            print(f"{name:<38} {kind:<9} {state(name, kind, args.records, step_args)}")
             continue
         line = command(name, kind, step_args, args.runs, args.threads)
         print(_shown(line), flush=True)

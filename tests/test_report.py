@@ -14,19 +14,25 @@ def record(epoch, nonzero, val, test):
 
 
 def test_each_level_reports_its_best_validation_epoch():
+    # Line e's accuracies describe the model of line e - 1's count (pruning follows evaluation):
+    # epoch 4 measured the 100-parameter model, epochs 5-6 the 40-parameter one, the 10-parameter
+    # model of epoch 6 was never measured.
     history = [record(1, 100, 90.0, 91.0), record(2, 100, 95.0, 94.0), record(3, 100, 93.0, 99.0),
-               record(4, 40, 92.0, 90.0), record(5, 40, 92.0, 95.0), record(6, 10, 80.0, 81.0)]
+               record(4, 40, 96.0, 97.0), record(5, 40, 92.0, 90.0), record(6, 10, 92.0, 95.0)]
     levels = compression_levels(history)
-    assert [(r["nonzero_paper"], r["epoch"]) for r in levels] == [(100, 2), (40, 4), (10, 6)]
+    assert [(r["nonzero_paper"], r["epoch"]) for r in levels] == [(100, 4), (40, 5)]
     rows = levels_table(history)
-    assert rows[2] == "| 100 | 100.000 | 1.0x | 6.00 | 2 |"
-    assert rows[3] == "| 40 | 40.000 | 2.5x | 10.00 | 4 |"  # ties keep the first epoch
+    assert rows[2] == "| 100 | 100.000 | 1.0x | 3.00 | 4 |"
+    assert rows[3] == "| 40 | 40.000 | 2.5x | 10.00 | 5 |"  # ties keep the first epoch
+    assert len(rows) == 4
+    assert history[3]["nonzero_paper"] == 40  # the records themselves are not changed
 
 
 def test_without_validation_a_level_is_its_last_epoch():
     nan = float("nan")
-    history = [record(1, 100, nan, 91.0), record(2, 100, nan, 93.0), record(3, 50, nan, 92.0)]
-    assert [r["epoch"] for r in compression_levels(history)] == [2, 3]
+    history = [record(1, 100, nan, 91.0), record(2, 100, nan, 93.0), record(3, 50, nan, 92.0),
+               record(4, 50, nan, 94.0)]
+    assert [r["epoch"] for r in compression_levels(history)] == [3, 4]
 
 
 # ---------------------------------------------------------------- NEq plots and overhead

@@ -52,7 +52,7 @@ def test_commands_resume_existing_runs_and_pass_threads(tmp_path):
 
 def test_list_and_unknown_filter(tmp_path, capsys):
     reproduce = _reproduce()
-    assert reproduce.main(["--runs", str(tmp_path), "--list", "--only", "lenet5-mnist"]) == 0
+    assert reproduce.main(["--records", str(tmp_path), "--list", "--only", "lenet5-mnist"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all("lenet5-mnist" in line and "not started" in line for line in lines)
     assert reproduce.main(["--runs", str(tmp_path), "--only", "no-such-step"]) == 2
@@ -104,3 +104,25 @@ def test_parallel_steps_start_after_what_they_need(tmp_path, monkeypatch, capsys
     # "other" needs nothing: it runs beside dense-a, not after it.
     assert position["start", "other", "run"] < position["end", "dense-a", "run"]
     assert (tmp_path / "dense-a.log").exists() and (tmp_path / "fine-a.simplify.log").exists()
+
+
+def test_list_reads_the_quoted_records(capsys, monkeypatch):
+    """By default --list reads docs/results/runs, where the records RESULTS.md quotes are."""
+    reproduce = _reproduce()
+    monkeypatch.chdir(ROOT)
+    assert reproduce.main(["--list", "--only", "dense-lenet300-mnist", "--only",
+                           "study-lenet300-mnist"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.endswith(" done") for line in lines)
+
+
+def test_benchmark_steps_keep_their_output_and_wait_for_the_runs_they_read(tmp_path):
+    reproduce = _reproduce()
+    steps = {name: (kind, args) for name, kind, args in reproduce.STEPS}
+    outputs = {args[1] for kind, args in steps.values() if kind == "bench"}
+    assert {"lobster_overhead.txt", "data_path.txt", "structured_baselines.txt"} <= outputs
+    line = reproduce.command("bench-data-path", "bench", steps["bench-data-path"][1], tmp_path, 1)
+    assert line[:2] == ["sh", "-c"] and "> docs/results/data_path.txt.part &&" in line[2]
+    names = {name for name, _, _ in reproduce.STEPS}
+    step = ("bench-structured-baselines", *steps["bench-structured-baselines"])
+    assert reproduce.needs(step, names) == {"serene-lenet300-mnist-fast", "dense-lenet300-mnist"}

@@ -149,6 +149,29 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import load_comparison, run_all
+    from .compare_report import check_csv, refresh_quotes, write_records
+
+    comparison = load_comparison(args.config, list(args.set or []))
+    runs, results = Path(args.runs), Path(args.results)
+    if not args.records_only:
+        extra = [f"train.threads={args.threads}"] if args.threads else []
+        if args.data_root:
+            extra.append(f"data.root={args.data_root}")
+        run_all(comparison, runs, extra)
+    section, notes = write_records(comparison, runs, results)
+    refresh_quotes(results.parent / "RESULTS.md")  # docs/RESULTS.md quotes the generated tables
+    for method, waiting in notes.items():
+        if waiting:
+            print(f"compare: {method}: not finished: {', '.join(waiting)}")
+    problems = check_csv(results / "comparisons.csv", runs)
+    for problem in problems:
+        print(f"compare: check: {problem}", file=sys.stderr)
+    print(f"records written: {results / 'comparisons.csv'}, {section}")
+    return EXIT_FAILED if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuronwise",
@@ -225,6 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a study value, e.g. --set budget_epochs=50 (repeatable)")
     study.add_argument("--data-root", help="data folder (default: $NEURONWISE_DATA, else the cache)")
     study.set_defaults(func=cmd_study)
+
+    compare = commands.add_parser(
+        "compare", help="methods x seeds at one epoch budget; mean ± std tables, CSV and plots")
+    compare.add_argument("config", help="comparison YAML, e.g. configs/compare/lenet300_mnist.yaml")
+    compare.add_argument("--runs", default="docs/results/runs",
+                         help="folder of the run directories (default: docs/results/runs); "
+                              "existing runs are resumed")
+    compare.add_argument("--results", default="docs/results",
+                         help="where comparisons.csv and comparisons/NAME.md go (default: "
+                              "docs/results)")
+    compare.add_argument("--threads", type=int, help="train.threads of every run")
+    compare.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override a comparison value, e.g. --set epochs=3 (repeatable)")
+    compare.add_argument("--records-only", action="store_true",
+                         help="train nothing: rewrite the records from the runs as they are")
+    compare.add_argument("--data-root", help="data folder (default: $NEURONWISE_DATA, else the cache)")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -175,14 +175,26 @@ def summarize(history: list[dict], best: dict | None = None) -> list[tuple[str, 
 def compression_levels(history: list[dict]) -> list[dict]:
     """Per compression level (a distinct non-zero count), the epoch with the best validation
     accuracy and its test accuracy: the per-level rule of METHODS.md §8; without a validation
-    split, the level's last epoch."""
+    split, the level's last epoch.
+
+    A line's accuracies are measured before that epoch's pruning step and its counts after it, so
+    line e measured the model of line e − 1's counts: epochs are grouped by that model, and each
+    returned record (a copy) carries its counts (the first line keeps its own). A level pruned away
+    at the epoch it was reached was never measured and has no row.
+    """
     best: dict[int, dict] = {}
+    previous: dict | None = None
     for record in history:
-        level = record["nonzero_paper"]
+        measured = dict(record)
+        if previous is not None:
+            for key in ("nonzero_paper", "remaining_percent_paper"):
+                measured[key] = previous[key]
+        previous = record
+        level = measured["nonzero_paper"]
         # Without a validation split (NaN accuracy) a level is represented by its last epoch.
-        later = math.isnan(record["val_accuracy"])
-        if level not in best or later or record["val_accuracy"] > best[level]["val_accuracy"]:
-            best[level] = record
+        later = math.isnan(measured["val_accuracy"])
+        if level not in best or later or measured["val_accuracy"] > best[level]["val_accuracy"]:
+            best[level] = measured
     return [best[level] for level in sorted(best, reverse=True)]
 
 

@@ -36,7 +36,8 @@ class LobsterCallback(RegularizerCallback):
 
     p ← p − λ·p·relu(1 − |∂L/∂p|) for every parameter of ``modules``, then the mask. ``kwargs``
     go to ``Lobster`` (``scale_by_lr``, ``lr``, ``rescaled``, ``foreach``); with ``scale_by_lr``
-    and no ``lr``, the learning rate is that of the first optimizer at setup.
+    and no ``lr``, the learning rate is that of the first optimizer at each step (so λ·lr follows
+    the learning-rate schedule).
     """
 
     def __init__(self, lam: float = 1e-4,
@@ -63,6 +64,13 @@ class LobsterCallback(RegularizerCallback):
         if kwargs.get("scale_by_lr") and kwargs.get("lr") is None:
             kwargs["lr"] = context.optimizers[0].param_groups[0]["lr"]
         self.method = nw.Lobster(context.model, modules=self._modules, **kwargs)
+        # Without a fixed lr, λ·lr follows the schedule: the optimizer's current learning rate.
+        self._follow_lr = bool(kwargs.get("scale_by_lr")) and self.kwargs.get("lr") is None
+
+    def after_optimizer_step(self) -> None:
+        if self._follow_lr:
+            self.method.lr = self.context.optimizers[0].param_groups[0]["lr"]
+        self.method.step()
 
 
 register("lobster", LobsterCallback, config=LobsterConfig)

@@ -1,0 +1,202 @@
+"""Budget-matched, multi-seed comparisons of pruning methods (``neuronwise compare CONFIG``).
+
+A comparison YAML names the methods (each an experiment config file plus ``--set`` overrides),
+the seeds, one epoch budget for every run and the target remaining percentages::
+
+    name: lenet300-mnist
+    epochs: 100              # every run of every method trains exactly this many epochs
+    seeds: [0, 1, 2]
+    candidates: 5            # candidate epochs per (run, target)
+    targets: [20, 10, 5]     # remaining parameters, % ('paper' convention)
+    methods:
+      lobster: {config: configs/lobster/lenet300_mnist_fast.yaml, set: [pruning.patience=2]}
+      oneshot: {config: ..., set: [...], targets: [3]}   # optional: this method's own targets
+
+Run ``<name>-<method>-s<seed>`` trains ``config`` with ``set``, then ``name=RUN``,
+``train.seed=SEED``, ``train.epochs=EPOCHS`` applied (later wins); an existing run directory is
+resumed, a finished one is left as it is.
+
+Selection rule (validation only, the same number of candidates for every method): for a target T
+the candidate epochs of a run are the first ``candidates`` epochs e with r(e) ≤ T and
+r(e) = r(e−1), where r(e) is the remaining percentage on line e of metrics.jsonl (r(0) = 100). The
+second condition keeps only epochs that pruned nothing at their end: a line's accuracies are
+measured before the epoch's pruning step and its parameter count after it, so only then do both
+describe the same model. The candidate with the highest validation accuracy (earliest on a tie) is
+the run's result at T; a run with fewer candidates has none (T not reached within the budget).
+
+Optional ``time_to_target: [R, E]``: per run, the first such epoch with r(e) ≤ R and test error
+≤ E (:func:`first_epoch_at`), reported as epochs to the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as config_module
+from .config import Config, ConfigError
+
+REMAINING = "remaining_percent_paper"
+
+
+@dataclass
+class MethodSpec:
+    config: str  # experiment config file of the method
+    set: list = field(default_factory=list)  # KEY=VALUE overrides applied to it
+    targets: list | None = None  # this method's targets (default: the comparison's)
+
+
+@dataclass
+class Comparison:
+    name: str
+    epochs: int
+    seeds: list
+    candidates: int
+    targets: list
+    methods: dict  # method name -> MethodSpec
+    time_to_target: list | None = None  # [remaining %, test error %]: first epoch meeting both
+
+
+@dataclass
+class Selection:
+    """One run's result at one target: the chosen line of its metrics.jsonl."""
+
+    target: float
+    epoch: int
+    remaining_percent: float
+    test_error_percent: float
+    val_accuracy: float
+
+
+def _field(data: dict, key: str, kind: type, source: str) -> Any:
+    if key not in data:
+        raise ConfigError(f"{source}: missing key '{key}'")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{source}: {key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _numbers(values: Any, key: str, source: str) -> list[float]:
+    if (not isinstance(values, list) or not values
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        raise ConfigError(f"{source}: {key}: expected a non-empty list of numbers, got {values!r}")
+    return [float(v) for v in values]
+
+
+def comparison_from_dict(data: dict, source: str = "comparison") -> Comparison:
+    """Build and validate a :class:`Comparison`; every method's config is loaded (and so checked)."""
+    known = {f.name for f in dataclasses.fields(Comparison)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    name = _field(data, "name", str, source)
+    epochs = _field(data, "epochs", int, source)
+    candidates = _field(data, "candidates", int, source)
+    if epochs < 1 or candidates < 1:
+        raise ConfigError(f"{source}: epochs and candidates: expected >= 1, got {epochs}, {candidates}")
+    seeds = _field(data, "seeds", list, source)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{source}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    targets = _numbers(data.get("targets"), "targets", source)
+    methods_data = _field(data, "methods", dict, source)
+    if not methods_data:
+        raise ConfigError(f"{source}: methods: expected at least one method")
+    methods = {}
+    for method, spec in methods_data.items():
+        where = f"{source}: methods.{method}"
+        if not isinstance(spec, dict) or set(spec) - {"config", "set", "targets"}:
+            raise ConfigError(f"{where}: expected a mapping with config, set, targets, got {spec!r}")
+        overrides = spec.get("set") or []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"{where}.set: expected a list of KEY=VALUE, got {overrides!r}")
+        own = spec.get("targets")
+        methods[str(method)] = MethodSpec(
+            config=_field(spec, "config", str, where), set=overrides,
+            targets=None if own is None else _numbers(own, f"methods.{method}.targets", source))
+    goal = data.get("time_to_target")
+    if goal is not None and len(_numbers(goal, "time_to_target", source)) != 2:
+        raise ConfigError(f"{source}: time_to_target: expected [remaining %, test error %], "
+                          f"got {goal!r}")
+    comparison = Comparison(name, epochs, list(seeds), candidates, targets, methods,
+                            None if goal is None else [float(v) for v in goal])
+    for method in methods:
+        run_config(comparison, method, seeds[0])
+    return comparison
+
+
+def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Comparison:
+    """Read a comparison YAML and apply ``KEY=VALUE`` overrides (e.g. ``epochs=3``)."""
+    data = config_module.apply_overrides(config_module.read_yaml(path), overrides or [])
+    return comparison_from_dict(data, source=str(path))
+
+
+def run_name(comparison: Comparison, method: str, seed: int) -> str:
+    return f"{comparison.name}-{method}-s{seed}"
+
+
+def run_overrides(comparison: Comparison, method: str, seed: int) -> list[str]:
+    """The ``--set`` list that turns the method's config into this run's."""
+    spec = comparison.methods[method]
+    return [*spec.set, f"name={run_name(comparison, method, seed)}", f"train.seed={seed}",
+            f"train.epochs={comparison.epochs}"]
+
+
+def run_config(comparison: Comparison, method: str, seed: int, extra: list[str] | None = None
+               ) -> Config:
+    spec = comparison.methods[method]
+    return config_module.load(spec.config, run_overrides(comparison, method, seed) + (extra or []))
+
+
+def targets_of(comparison: Comparison, method: str) -> list[float]:
+    own = comparison.methods[method].targets
+    return list(own) if own is not None else list(comparison.targets)
+
+
+def select(history: list[dict], target: float, candidates: int) -> Selection | None:
+    """The run's result at ``target`` by the module's selection rule, or None if not reached."""
+    chosen: list[dict] = []
+    previous = 100.0
+    for line in sorted(history, key=lambda r: r["epoch"]):
+        remaining = line[REMAINING]
+        if remaining <= target and remaining == previous:
+            chosen.append(line)
+            if len(chosen) == candidates:
+                break
+        previous = remaining
+    if len(chosen) < candidates:
+        return None
+    best = max(chosen, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+    return Selection(target=target, epoch=int(best["epoch"]), remaining_percent=best[REMAINING],
+                     test_error_percent=100.0 - best["test_accuracy"],
+                     val_accuracy=best["val_accuracy"])
+
+
+def first_epoch_at(history: list[dict], remaining: float, error: float) -> dict | None:
+    """Time to target: the first line (of a model not pruned at that epoch's end, as in
+    :func:`select`) with at most ``remaining`` % of the parameters and at most ``error`` % test
+    error. A measurement of when a test-set criterion is first met, not a selection."""
+    previous = 100.0
+    for line in sorted(history, key=lambda r: r["epoch"]):
+        left = line[REMAINING]
+        if left <= remaining and left == previous and 100.0 - line["test_accuracy"] <= error:
+            return line
+        previous = left
+    return None
+
+
+def run_all(comparison: Comparison, runs: Path, extra: list[str] | None = None,
+            log=print) -> None:
+    """Train every (seed, method) run in turn, resuming any that exists; one process, one run."""
+    from .trainer import Trainer
+
+    for seed in comparison.seeds:
+        for method in comparison.methods:
+            name = run_name(comparison, method, seed)
+            directory = runs / name
+            resume = (directory / "config.yaml").exists()
+            log(f"compare: {name} ({'resume' if resume else 'start'})")
+            config = run_config(comparison, method, seed, extra)
+            Trainer(config, str(directory), resume=resume).fit()
