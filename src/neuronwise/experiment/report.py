@@ -177,10 +177,10 @@ def compression_levels(history: list[dict]) -> list[dict]:
     accuracy and its test accuracy: the per-level rule of METHODS.md §8; without a validation
     split, the level's last epoch.
 
-    A line's accuracies are measured before that epoch's pruning step and its counts after it, so
-    line e measured the model of line e − 1's counts: epochs are grouped by that model, and each
-    returned record (a copy) carries its counts (the first line keeps its own). A level pruned away
-    at the epoch it was reached was never measured and has no row.
+    A line's accuracies are measured before that epoch's callbacks zero weights and its counts
+    after them, so line e measured the model of line e − 1's counts: epochs are grouped by that
+    model, and each returned record (a copy) carries its counts (the first line keeps its own). A
+    level left at the epoch it was reached was never measured and has no row.
     """
     best: dict[int, dict] = {}
     previous: dict | None = None
