@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from neuronwise._utils import check_model_and_example
 from neuronwise.transformer.simplify import compose_kept, simplify_transformer
 
 from .graph import (
@@ -152,13 +153,7 @@ def _prepare(
     pinned: Iterable[str | nn.Module],
     prune_residual_stream: bool,
 ) -> tuple[Analysis, set[str], Tensor, Kept]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Invalid model: {type(model).__name__} (expected torch.nn.Module)")
-    if not isinstance(example_input, Tensor) or example_input.dim() < 2:
-        raise ValueError(
-            f"Invalid example_input: {getattr(example_input, 'shape', example_input)!r} "
-            "(expected a tensor with a batch dimension)"
-        )
+    check_model_and_example(model, example_input)
     names = {id(m): name for name, m in model.named_modules()}
     known = set(names.values())
     pinned_targets = set()
