@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,12 @@ def _worker(argv: list[str]) -> int:
 
         def run_epoch(self, epoch):
             if epoch == crash_epoch:
+                # Rank 0 writes the previous epoch's checkpoint after the epoch's last collective,
+                # so on a busy machine rank 1 can get here first; a kill then would leave no
+                # checkpoint and the restart would rightly start over. Wait for it.
+                deadline = time.monotonic() + 120
+                while not self.run.last_path.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 os.kill(os.getpid(), signal.SIGKILL)
             original(self, epoch)
 
