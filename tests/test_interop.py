@@ -101,7 +101,7 @@ def test_export_then_import_round_trip(model):
 def test_export_only_pruned_and_combination_with_torch(model):
     with torch.no_grad():
         model[6].weight[:, :8] = 0.0
-    ours = nw.ParameterMask(model)
+    ours = nw.ParameterMask(model, zeros_at_start="masked")
     assert export_torch_prune(model, ours, only_pruned=True) == ["1.bias", "6.weight"]
     # torch combines a further pruning with ours: the result contains both sets of zeros.
     prune.l1_unstructured(model[6], "weight", amount=0.25)

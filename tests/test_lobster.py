@@ -163,9 +163,9 @@ def test_pruned_weights_stay_exactly_zero(make_optimizer):
     optimizer = make_optimizer(model.parameters())
     _backward(model)
     optimizer.step()  # momentum / moments now exist for every entry, pruned ones included
-    global_magnitude_prune(model, 0.5)
-    pruned = [p == 0 for p in model.parameters()]
     reg = Lobster(model, lam=1e-3)
+    global_magnitude_prune(model, 0.5, mask=reg.mask)  # the pruning step marks what it zeroed
+    pruned = [p == 0 for p in model.parameters()]
     moved_without_mask = False
     for step in range(15):
         _backward(model, seed=step + 1)
@@ -191,17 +191,27 @@ def test_shared_mask_keeps_zeros_created_after_construction():
     assert all(bool(p[z].eq(0).all()) for p, z in zip(model.parameters(), zeros))
 
 
-def test_zero_initialised_parameters_are_held_at_zero_as_in_official_code():
-    # The default mask is built from the zeros at construction, like the official per-epoch mask:
-    # a fresh BatchNorm β (all 0) is held at 0 until the mask is updated.
+@pytest.mark.parametrize("zeros_at_start", ["free", "masked"])
+def test_zero_initialised_parameters_train_unless_the_official_rule_is_asked(zeros_at_start):
+    # METHODS.md §1 DECISION: the default mask holds only what a pruning step zeroed, so a fresh
+    # BatchNorm β (all 0) trains; "masked" (official) holds it at 0 until the mask is updated.
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4))
-    reg = Lobster(model)
+    reg = Lobster(model, zeros_at_start=zeros_at_start)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(3, 2, 5, 5)).pow(2).mean().backward()
     optimizer.step()
-    assert model[1].bias.abs().sum() > 0
-    reg.step()
-    assert torch.equal(model[1].bias.detach(), torch.zeros(4))
+    assert bool((model[1].bias.detach() != 0).all())  # SGD moved every β entry off 0
+    reg.step()  # λ·β·relu(1 − |g|) also decays β a little; only the mask sets it to 0 exactly
+    if zeros_at_start == "masked":
+        assert torch.equal(model[1].bias.detach(), torch.zeros(4))
+    else:
+        assert bool((model[1].bias.detach() != 0).all())
+        assert all(bool(m.all()) for m in reg.mask.masks)  # nothing masked before a pruning step
+
+
+def test_invalid_zeros_at_start_is_refused():
+    with pytest.raises(ValueError, match="Invalid zeros_at_start: 'none'"):
+        ParameterMask(nn.Linear(2, 2), zeros_at_start="none")
 
 
 def test_neuron_mask_zeros_the_bias_of_a_dead_neuron():
@@ -209,7 +219,8 @@ def test_neuron_mask_zeros_the_bias_of_a_dead_neuron():
     with torch.no_grad():
         model[0].weight[2] = 0.0
         model[0].bias.fill_(0.5)
-    reg = Lobster(model, lam=0.0, mask=ParameterMask(model, granularity="neurons"))
+    mask = ParameterMask(model, granularity="neurons", zeros_at_start="masked")
+    reg = Lobster(model, lam=0.0, mask=mask)
     reg.step()
     assert model[0].bias.tolist() == [0.5, 0.5, 0.0, 0.5]
 
@@ -217,7 +228,7 @@ def test_neuron_mask_zeros_the_bias_of_a_dead_neuron():
 def test_state_dict_round_trip():
     model = _tiny_cnn()
     global_magnitude_prune(model, 0.3)
-    reg = Lobster(model, lam=3e-4, scale_by_lr=True, lr=0.2, rescaled=True)
+    reg = Lobster(model, lam=3e-4, scale_by_lr=True, lr=0.2, rescaled=True, zeros_at_start="masked")
     buffer = io.BytesIO()
     torch.save(reg.state_dict(), buffer)
     buffer.seek(0)

@@ -40,7 +40,7 @@ def test_parameter_mask_holds_zeros_through_an_attached_optimizer():
     model = _mlp()
     with torch.no_grad():
         model[0].weight[:, :2] = 0.0
-    mask = ParameterMask(model)
+    mask = ParameterMask(model, zeros_at_start="masked")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     handle = mask.attach(optimizer)
     for _ in range(3):
@@ -107,7 +107,7 @@ def test_mask_built_under_inference_mode_still_applies():
     with torch.no_grad():
         model[0].weight[0, 0] = 0.0
     with torch.inference_mode():
-        mask = ParameterMask(model)  # inference tensors: no version counter to cache against
+        mask = ParameterMask(model, zeros_at_start="masked")  # inference tensors: no version counter to cache against
     with torch.no_grad():
         model[0].weight[0, 0] = 5.0
     mask.apply()
@@ -122,7 +122,7 @@ def test_neuron_granularity_masks_all_zero_rows_with_their_bias():
         model[2].weight[0] = 0.0  # dead neuron
         model[2].weight[3, :6] = 0.0  # live neuron, half zero
         model[2].weight[1, 5] = 1e-30  # live: "all entries == 0", not a rounded sum
-    mask = ParameterMask(model, granularity="neurons")
+    mask = ParameterMask(model, granularity="neurons", zeros_at_start="masked")
     conv_w, conv_b, fc_w, fc_b = mask.masks
     assert conv_b.tolist() == [True, False, True] and fc_b.tolist() == [False, True, True, True]
     assert conv_w[2].all() and not conv_w[1].any()  # live rows are free entirely

@@ -63,7 +63,7 @@ def test_pruned_parameters_stay_zero_and_grads_are_plain(variant):
         net[2].weight[0, 1] = 0.0
     reference = copy.deepcopy(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
-    reg = SeReNe(net, lam=1e-2, variant=variant)
+    reg = SeReNe(net, lam=1e-2, variant=variant, zeros_at_start="masked")
     x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     for _ in range(3):
         opt.zero_grad()
@@ -114,7 +114,8 @@ def test_neuron_mask_zeroes_whole_rows():
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     with torch.no_grad():
         net[0].weight[1] = 0.0
-    reg = SeReNe(net, lam=0.0, mask=ParameterMask(net, (nn.Linear, nn.Conv2d), "neurons"))
+    mask = ParameterMask(net, (nn.Linear, nn.Conv2d), "neurons", zeros_at_start="masked")
+    reg = SeReNe(net, lam=0.0, mask=mask)
     with torch.no_grad():
         net[0].weight.add_(1.0)
         net[0].bias.add_(1.0)

@@ -47,7 +47,7 @@ def test_neuron_mask_masks_a_head_whose_value_rows_are_zero(attention):
         bias.normal_()
         weight[heads.per_head(torch.arange(48))[2, 2]] = 0  # value rows of head 2
     modules = (nn.Linear, nn.MultiheadAttention)
-    mask = ParameterMask(model, modules, granularity="neurons")
+    mask = ParameterMask(model, modules, granularity="neurons", zeros_at_start="masked")
     mask.apply()
     gone = heads.rows([2])
     kept = heads.rows([0, 1, 3])

@@ -74,7 +74,7 @@ def import_torch_prune(
     }
     finalize(model)
     covered = prunable_parameters(model, modules)
-    mask = ParameterMask([p for _, p in covered])
+    mask = ParameterMask([p for _, p in covered], zeros_at_start="masked")
     mask.masks = [
         masks[name].to(p.device).clone() if name in masks else current
         for (name, p), current in zip(covered, mask.masks)

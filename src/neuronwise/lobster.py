@@ -47,9 +47,12 @@ class Lobster:
     - ``rescaled=True`` (SeReNe repository copy): S̄ = 1 − |g| / max(max|g|, 1e-10), max per tensor.
     - Selected parameters: given a model, every parameter (weights and biases) of ``modules``
       (default Linear, Conv2d, BatchNorm2d); or an iterable of tensors or param groups.
-    - ``mask`` (default: 1 where p ≠ 0 now) keeps pruned entries at exactly 0 whatever the
-      optimizer does; share it with the pruner, ``PruneOnPlateau(model, mask=reg.mask)``, so that
-      new zeros are kept. Pass a ``ParameterMask(model, granularity="neurons")`` for neuron masks.
+    - ``mask`` keeps pruned entries at exactly 0 whatever the optimizer does; share it with the
+      pruner, ``PruneOnPlateau(model, mask=reg.mask)``, so that new zeros are kept. Pass a
+      ``ParameterMask(model, granularity="neurons")`` for neuron masks. The default mask masks
+      nothing until a pruning step (``zeros_at_start="free"``, METHODS.md §1 DECISION 2026-12), so
+      zero-initialised parameters such as BatchNorm β train; ``zeros_at_start="masked"`` is the
+      official rule (1 where p ≠ 0 at construction), e.g. for a model pruned before.
     - ``foreach``: use the ``torch._foreach_*`` kernels (default: when all parameters are on CUDA);
       the per-tensor loop defines the semantics and the two agree.
     - Gradients must be finite: after a step that AMP skipped for inf/nan gradients, skip
@@ -66,6 +69,7 @@ class Lobster:
         rescaled: bool = False,
         foreach: bool | None = None,
         mask: ParameterMask | None = None,
+        zeros_at_start: str = "free",
     ) -> None:
         self.lam = check_lam(lam)
         self.scale_by_lr = bool(scale_by_lr)
@@ -73,7 +77,7 @@ class Lobster:
         self.rescaled = bool(rescaled)
         self.foreach = check_foreach(foreach)
         self.params = resolve_parameters(model_or_params, modules)
-        self.mask = check_mask(mask) or ParameterMask(self.params)
+        self.mask = check_mask(mask) or ParameterMask(self.params, zeros_at_start=zeros_at_start)
 
     @property
     def strength(self) -> float:

@@ -20,6 +20,7 @@ from neuronwise.transformer.groups import AttentionHeads, neuron_groups
 
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 GRANULARITIES = ("params", "neurons")
+ZEROS_AT_START = ("free", "masked")
 
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[dict]
 
@@ -99,6 +100,11 @@ class ParameterMask:
     group: when its value rows are all zero, all its q, k, v rows and their biases are masked.
     ``"neurons"`` needs the model, to pair weights with biases.
 
+    ``zeros_at_start="free"`` (default, METHODS.md §1 DECISION 2026-12): nothing is masked until
+    the first :meth:`update`, which a pruning step calls, so parameters that start at zero
+    (BatchNorm β, zero-initialised γ) train freely; ``"masked"`` (official LOBSTER) masks the entries
+    that are zero at construction (e.g. to keep a model pruned before the mask was built).
+
     The mask changes only in :meth:`update` (rebuilt from the current zeros). Call :meth:`apply`
     after every optimizer step, or :meth:`attach` the mask to the optimizer: re-applying it after
     each step is what makes momentum, weight decay and Adam moments unable to move pruned entries.
@@ -113,7 +119,12 @@ class ParameterMask:
         model_or_params: ParamsLike,
         modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
         granularity: str = "params",
+        zeros_at_start: str = "free",
     ) -> None:
+        if zeros_at_start not in ZEROS_AT_START:
+            raise ValueError(
+                f"Invalid zeros_at_start: {zeros_at_start!r} (expected one of {ZEROS_AT_START})"
+            )
         if granularity not in GRANULARITIES:
             raise ValueError(
                 f"Invalid granularity: {granularity!r} (expected one of {GRANULARITIES})"
@@ -142,8 +153,10 @@ class ParameterMask:
                     bias = named.get(group.in_bias) if group.in_bias else None
                     bias_index = index.get(id(bias)) if bias is not None else None
                     self._heads.append((index[id(named[group.in_weight])], bias_index, group))
-        self.masks = []
-        self.update()
+        if zeros_at_start == "masked":
+            self.update()
+        else:
+            self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
 
     @property
     def masks(self) -> list[Tensor]:

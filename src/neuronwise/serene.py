@@ -59,9 +59,11 @@ class SeReNe:
         variant: ``"lower-bound"`` (default), ``"full"`` or ``"local"``.
         modules: regularized module types.
         foreach: use the multi-tensor kernels (default: on CUDA only, as ``torch.optim``).
-        mask: the :class:`~neuronwise.pruning.ParameterMask` to apply (default: 1 where p ≠ 0 now,
-            over the weights and biases of ``modules``); pass
+        mask: the :class:`~neuronwise.pruning.ParameterMask` to apply (default: a new one over the
+            weights and biases of ``modules``, built with ``zeros_at_start``); pass
             ``ParameterMask(model, (nn.Linear, nn.Conv2d), granularity="neurons")`` for neuron masks.
+        zeros_at_start: ``"free"`` (default): nothing is masked until a pruning step;
+            ``"masked"`` (official): entries that are zero now stay zero (see ``ParameterMask``).
     """
 
     def __init__(
@@ -72,12 +74,14 @@ class SeReNe:
         modules: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         foreach: bool | None = None,
         mask: ParameterMask | None = None,
+        zeros_at_start: str = "free",
     ):
         self.lam = check_lam(lam)
         self.variant = _check_variant(variant)
         self.foreach = check_foreach(foreach)
         self.activations = NeuronActivations(model, modules)
-        self.mask = check_mask(mask) or ParameterMask(model, modules)
+        self.mask = check_mask(mask) or ParameterMask(model, modules,
+                                                      zeros_at_start=zeros_at_start)
         groups = neuron_groups(model)
         self._heads = {g.in_module: g for g in groups if isinstance(g, AttentionHeads)}
         self._residual = {g.out_module if isinstance(g, AttentionHeads) else g.fc2 for g in groups}

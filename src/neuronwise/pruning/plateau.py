@@ -132,7 +132,7 @@ class PruneOnPlateau:
                     "total": result.total,
                 }
             )
-        self.mask.update()
+            self.mask.update()  # rebuilt after each pruning (METHODS.md §1)
         self.mask.apply()
         return result
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ class LobsterConfig:
     scale_by_lr: bool = setting(False, "multiply λ by the learning rate (paper form)")
     rescaled: bool = setting(False, "sensitivity |g|/max|g| without relu (SeReNe repository "
                              "variant)")
+    zeros_at_start: Literal["free", "masked"] = setting(
+        "free", "free: the mask holds only what pruning zeroed (zero-initialised parameters such "
+        "as BatchNorm β train); masked: official rule, zeros at the start stay zero")
 
 
 class RegularizerCallback(MethodCallback):
@@ -52,7 +55,8 @@ class LobsterCallback(RegularizerCallback):
 
     @classmethod
     def from_config(cls, config: LobsterConfig, regularizer=None) -> LobsterCallback:
-        return cls(lam=config.lam, scale_by_lr=config.scale_by_lr, rescaled=config.rescaled)
+        return cls(lam=config.lam, scale_by_lr=config.scale_by_lr, rescaled=config.rescaled,
+                   zeros_at_start=config.zeros_at_start)
 
     @property
     def modules(self) -> tuple[type[nn.Module], ...]:

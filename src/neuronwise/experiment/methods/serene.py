@@ -20,6 +20,9 @@ class SeReNeConfig:
     lam: float = setting(1e-4, "λ, strength of the neuron-level decay", bounds=">= 0")
     variant: Literal["lower-bound", "full", "local"] = setting("lower-bound",
                                                                "neuron sensitivity form")
+    zeros_at_start: Literal["free", "masked"] = setting(
+        "free", "free: the mask holds only what pruning zeroed (zero-initialised parameters such "
+        "as BatchNorm β train); masked: official rule, zeros at the start stay zero")
 
 
 class SeReNeCallback(RegularizerCallback):
@@ -40,7 +43,7 @@ class SeReNeCallback(RegularizerCallback):
 
     @classmethod
     def from_config(cls, config: SeReNeConfig, regularizer=None) -> SeReNeCallback:
-        return cls(lam=config.lam, variant=config.variant)
+        return cls(lam=config.lam, variant=config.variant, zeros_at_start=config.zeros_at_start)
 
     @property
     def modules(self) -> tuple[type[nn.Module], ...]:
