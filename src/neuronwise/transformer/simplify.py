@@ -399,8 +399,17 @@ def _ffn_pass(
 def _block_pass(
     name: str, module: nn.Module, call: tuple[tuple, dict], kept: Kept
 ) -> nn.Module | None:
-    """``AddConstant(c)`` if ``module`` has a constant branch and computes x ↦ x + c."""
-    if not any(isinstance(m, ConstantBranch) for m in module.children()):
+    """``AddConstant(c)`` if every branch of ``module`` is constant and it computes x ↦ x + c.
+
+    Branches are the children holding parameters, normalization layers aside; all must already be
+    :class:`ConstantBranch` (dead by structure), so a live branch that merely looks constant on the
+    checked inputs never goes.
+    """
+    branches = [m for m in module.children()
+                if not isinstance(m, (nn.LayerNorm, nn.BatchNorm1d, nn.GroupNorm))
+                and next(m.parameters(), None) is not None]
+    if not any(isinstance(m, ConstantBranch) for m in module.children()) or not all(
+            isinstance(m, ConstantBranch) for m in branches):
         return None
     args, kwargs = call
     if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
