@@ -6,6 +6,7 @@ holds at the end, a single-process run with the same global batch, and an elasti
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -107,7 +108,17 @@ def _worker(argv: list[str]) -> int:
                 if name == "serene" and not hasattr(neuronwise, "SeReNe"):
                     continue
                 trainer = Trainer(_config(name), str(out / name), progress=False)
-                trainer.fit()
+                # The DDP wrapper must be gone before the process group is (torch 2.13 aborts at
+                # exit otherwise); it sits in a reference cycle, so only a collection frees it.
+                # With automatic collection off, only fit() itself can have freed it.
+                gc.disable()
+                try:
+                    trainer.fit()
+                    live = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel)
+                               for o in gc.get_objects())
+                finally:
+                    gc.enable()
+                (out / f"{name}-ddp-rank{distributed.rank()}.txt").write_text(str(live))
                 torch.save(trainer.state_dict(), out / f"{name}-rank{distributed.rank()}.pt")
             mistakes = {
                 "odd": (config_module.load(cli.quickstart_config_path(), [
@@ -209,6 +220,13 @@ def test_a_refused_run_directory_stops_every_rank_with_rank_0s_reason(ddp_runs):
     reason = (ddp_runs / "taken-rank0.txt").read_text()
     assert "already holds a run" in reason
     assert (ddp_runs / "taken-rank1.txt").read_text() == f"rank 0 failed: {reason}"
+
+
+def test_no_ddp_wrapper_outlives_its_run(ddp_runs):
+    counts = {f.name: f.read_text() for f in ddp_runs.glob("*-ddp-rank*.txt")}
+    assert len(counts) == 2 * len([*METHODS, *BATCHNORM]) - 2 * (
+        not hasattr(neuronwise, "SeReNe"))
+    assert set(counts.values()) == {"0"}, counts
 
 
 def test_killed_worker_restarts_and_finishes_like_an_uninterrupted_run(ddp_runs, tmp_path):

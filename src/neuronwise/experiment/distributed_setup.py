@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import socket
 from collections.abc import Callable
@@ -99,6 +100,9 @@ def distributed_session():
     try:
         yield
     finally:
+        # DDP wrappers live in reference cycles: free the unreachable ones before the process
+        # group goes, or torch 2.13 aborts the worker at exit.
+        gc.collect()
         dist.destroy_process_group()
 
 

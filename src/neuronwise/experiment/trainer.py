@@ -9,6 +9,7 @@ hooks.
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -333,8 +334,12 @@ class Trainer:
                 self._run_epoch(self.epoch + 1)
             return self.history
         finally:
-            # A live DDP wrapper at process-group teardown aborts the worker (torch 2.13).
+            # A live DDP wrapper at process-group teardown aborts the worker at exit (torch 2.13).
+            # The wrapper sits in a reference cycle, so dropping it frees nothing until the
+            # garbage collector runs: collect now, while the process group is still alive.
             self.train_model = getattr(self, "model", None)
+            if distributed.is_distributed():
+                gc.collect()
             if self.tensorboard is not None:
                 self.tensorboard.close()
             self.run.release()
