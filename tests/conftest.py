@@ -32,8 +32,11 @@ def _real_data_root() -> Path | None:
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
+    # Runs set train.threads (torch.set_num_threads, process-wide): restore it after every test.
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

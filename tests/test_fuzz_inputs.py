@@ -59,13 +59,6 @@ def damaged(data: bytes, how: tuple) -> bytes:
     return bytes(flipped)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def cli(capsys, *argv) -> tuple[int, str]:
     capsys.readouterr()
     code = main([str(a) for a in argv])

@@ -26,15 +26,8 @@ from neuronwise.experiment import trainer
 from neuronwise.experiment.cli import main
 from neuronwise.experiment.rundir import RunDir, load_checkpoint
 
-# One thread: several times faster on a loaded machine; restored after each test (see below).
+# One thread: several times faster on a loaded machine; conftest restores the count after each test.
 QUICK = ["--set", "data.batch_size=64", "--set", "train.threads=1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 # Runs the CLI in forked children of one interpreter that has imported neuronwise, so a run costs
 # no fresh torch import (seconds on a shared machine); each child is a real process, SIGKILLed

@@ -4,19 +4,9 @@ mistakes on the command line (the run itself is checked bit for bit in test_reli
 import json
 
 import pytest
+from test_reliability import QUICK
 
 from neuronwise.experiment.cli import main, quickstart_config_path
-
-QUICK = ["--set", "data.batch_size=64", "--set", "train.threads=1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
