@@ -171,8 +171,16 @@ def graph_break() -> None:
     autograd's path to them, which a tensor inside a compiled graph is not (autograd would see
     the graph as one node, with that output beside the logits). A no-op outside compilation.
     """
-    if torch.compiler.is_compiling():
+    if _compiling():
         torch._dynamo.graph_break()
+
+
+def _compiling() -> bool:
+    check = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    if check is not None:
+        return check()
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and dynamo.is_compiling()
 
 
 @contextmanager
@@ -181,9 +189,9 @@ def without_compile() -> Iterator[None]:
 
     For passes that hook a model for one forward (PSP-entropy, NEq's Ξ, FLOP counts): their
     hooks then fire, with no graph recompiled or reused (``torch.compiler.set_stance
-    ("force_eager")``). Free when dynamo was never imported.
+    ("force_eager")``, torch >= 2.6). Free when dynamo was never imported.
     """
-    if "torch._dynamo" not in sys.modules:
+    if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
         yield
         return
     with torch.compiler.set_stance("force_eager"):
