@@ -117,6 +117,12 @@ def test_serene_on_a_compiled_model_records_real_sensitivities(order):
         assert expected["fc1"].abs().sum() > 0
         torch.testing.assert_close(got, expected)
     torch.testing.assert_close(model.state_dict(), reference.state_dict())
+    reg.compute(trained(data(1)[0][0]))  # pending sums, keyed by layer name, in the state
+    plain = nw.SeReNe(Net(), lam=0.1)
+    plain.load_state_dict(reg.state_dict())
+    back = nw.SeReNe(torch.compile(Net(), backend=BACKEND), lam=0.1)
+    back.load_state_dict(plain.state_dict())
+    assert list(back.state_dict()["sums"]) == ["conv", "fc1", "fc2"]
     reg.remove()
     trained(data(1)[0][0])
     assert not reg.activations.outputs  # no hook left behind in the compiled graph
