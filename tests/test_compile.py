@@ -77,6 +77,17 @@ def attach(model: Net, order: str, make):
     return torch.compile(model, backend=BACKEND), method
 
 
+def train(net, optimizer, after_step=lambda: None, after_epoch=lambda epoch: None) -> None:
+    """Three epochs of two batches of cross-entropy training."""
+    for epoch in range(3):
+        for x, y in data(2, seed=epoch):
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            after_step()
+        after_epoch(epoch)
+
+
 def names(tree) -> object:
     """The keys of a nested state dict, with tensors and numbers left out."""
     if isinstance(tree, dict):
@@ -140,12 +151,7 @@ def test_neq_on_a_compiled_model_freezes_as_eager_and_its_state_loads_both_ways(
             (reference, eager, torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)))
     for net, method, optimizer in runs:
         method.attach(optimizer)
-        for epoch in range(3):
-            for x, y in data(2, seed=epoch):
-                optimizer.zero_grad()
-                F.cross_entropy(net(x), y).backward()
-                optimizer.step()
-            method.step()
+        train(net, optimizer, after_epoch=lambda epoch, method=method: method.step())
     assert list(neq.modules) == ["conv", "bn", "fc1"]
     assert any(bool(f.any()) for f in neq.frozen.values())  # the runs froze something
     torch.testing.assert_close(neq.frozen, eager.frozen)
@@ -172,20 +178,17 @@ def test_lobster_and_prune_on_plateau_on_a_compiled_model_match_eager(order):
     trained, (reg, pruner) = attach(model, order, build)
     eager_reg, eager_pruner = build(reference)
     for net, r, p in ((trained, reg, pruner), (reference, eager_reg, eager_pruner)):
-        optimizer = torch.optim.SGD(unwrap(net).parameters(), lr=0.1)
-        for epoch in range(3):
-            for x, y in data(2, seed=epoch):
-                optimizer.zero_grad()
-                F.cross_entropy(net(x), y).backward()
-                optimizer.step()
-                r.step()
-            p.step(1.0 + float(epoch > 0))  # a plateau after the first epoch
+        # A plateau after the first epoch prunes, then the detector starts over.
+        train(net, torch.optim.SGD(unwrap(net).parameters(), lr=0.1), after_step=r.step,
+              after_epoch=lambda epoch, p=p: p.step(1.0 + float(epoch > 0)))
     assert pruner.history and pruner.history[0]["remaining"] < pruner.history[0]["total"]
     torch.testing.assert_close(model.state_dict(), reference.state_dict())
     assert names(pruner.state_dict()) == names(eager_pruner.state_dict())
-    restored = nw.PruneOnPlateau(Net(), lambda: 0.0, mask=nw.ParameterMask(Net()))
+    plain = Net()
+    restored = nw.PruneOnPlateau(plain, lambda: 0.0, mask=nw.ParameterMask(plain))
     restored.load_state_dict(pruner.state_dict())
-    restored.model.load_state_dict(pruner.best_state or model.state_dict())
+    assert restored.best_state is not None
+    plain.load_state_dict(restored.best_state)  # keys of an uncompiled model
     back = nw.Lobster(torch.compile(Net(), backend=BACKEND), lam=0.05)
     back.load_state_dict(eager_reg.state_dict())
 
