@@ -208,6 +208,7 @@ def test_analysis_and_simplify_of_a_compiled_model_use_the_original_names():
         torch.testing.assert_close(got[name].per_class, expected[name].per_class, equal_nan=True)
     assert nw.metrics.count_neurons(compiled) == nw.metrics.count_neurons(model)
     assert nw.metrics.forward_flops(compiled, x) == nw.metrics.forward_flops(model, x)
+    assert list(nw.neuron_l1_norms(compiled)) == ["conv", "fc1"]
     small = nw.simplify(compiled, x[:1])
     assert small.fc1.out_features == 5
     torch.testing.assert_close(small(x), model(x))
