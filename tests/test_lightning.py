@@ -8,6 +8,7 @@ pytest.importorskip("lightning", reason="the 'lightning' extra is not installed"
 
 import lightning.pytorch as pl
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -108,6 +109,18 @@ def test_serene_callback_matches_plain_loop():
     _plain_loop(reference, 2, regularizer)
     _assert_same_parameters(model, reference)
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_serene_callback_on_a_compiled_lightning_module_matches_plain_loop():
+    # Lightning runs the compiled forward; the callback hooks the module inside (the hooks must
+    # fire in the compiled graph, and SeReNe needs the layer outputs outside it).
+    model, reference = Classifier(), Classifier()
+    torch._dynamo.reset()  # counts this fit's graphs only
+    _fit(torch.compile(model, backend="aot_eager"), [SeReNeCallback(lam=0.05)], epochs=2,
+         validate=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it ran compiled
+    _plain_loop(reference, 2, SeReNe(reference, lam=0.05))
+    _assert_same_parameters(model, reference)
 
 
 def test_neq_callback_matches_plain_loop():

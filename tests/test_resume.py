@@ -56,8 +56,8 @@ def test_a_resume_continues_the_recorded_run_and_only_set_values_change_it(tmp_p
     code, _, err = cli(capsys, "run", "--run-dir", run, "--resume", "--set", "optim.lr=0.5")
     assert code == 2
     assert ("--set optim.lr=0.5: a resumed run keeps its recorded optim.lr (0.1); only "
-            "train.epochs, train.threads, train.checkpoint_every, train.channels_last, data.root, "
-            "model.init_from may change") in one_line(err)
+            "train.epochs, train.threads, train.checkpoint_every, train.channels_last, "
+            "train.compile, data.root, model.init_from may change") in one_line(err)
     code, _, err = cli(capsys, "run", quickstart_config_path(), "--run-dir", run, "--resume")
     assert code == 2
     assert "describes another run than" in one_line(err) and "differs in data.batch_size" in err

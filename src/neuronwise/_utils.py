@@ -8,6 +8,7 @@ validators, ``foreach`` grouping and neuron counts.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -27,11 +28,15 @@ __all__ = [
     "clone_state",
     "evaluating",
     "find_classifier",
+    "graph_break",
     "is_number",
     "layer_neurons",
     "load_hyperparameters",
     "split_batch",
+    "unwrap",
     "use_foreach",
+    "watch_hooks",
+    "without_compile",
 ]
 
 
@@ -94,7 +99,7 @@ def find_classifier(
     PSP-entropy's class count, the structured pruner's output layer).
     """
     found = None
-    for name, module in model.named_modules():
+    for name, module in unwrap(model).named_modules():
         if isinstance(module, types):
             found = (name, module)
     return found
@@ -113,6 +118,84 @@ def layer_neurons(module: nn.Module) -> int:
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         return module.weight.shape[0]
     return 0
+
+
+# ---------------------------------------------------------------------------------------- compile
+# torch.compile (dynamo) meets a method three ways: its wrapper renames every module, graphs it
+# cached may skip hooks added later, and a hook it traces sees graph-internal tensors. One helper
+# for each; docs/guide/methods.md ("torch.compile") says what the user sees.
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s and DDP's wrappers (any nesting), or ``model``.
+
+    Methods name layers and parameters after it: ``conv1``, never ``_orig_mod.conv1`` (the
+    ``OptimizedModule`` of ``torch.compile(model)``) or ``module.conv1`` (DDP), so the states of
+    compiled, distributed and plain runs load into one another. Hooks are registered on it too;
+    the wrapper runs the same submodules.
+    """
+    dynamo = sys.modules.get("torch._dynamo")  # not imported: nothing was compiled
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def watch_hooks() -> None:
+    """Make compiled models notice forward hooks added or removed after they were compiled.
+
+    Call before registering hooks that fire in training forwards. Dynamo does not guard on a
+    module's hook dictionaries while they are empty (``torch._dynamo.config.
+    skip_nnmodule_hook_guards``, True by default), so a graph traced before a hook existed, for
+    this model or another of its class, is reused and the hook never fires. This turns the guards
+    on for the process (once; hook changes then recompile the graphs that depend on them) and
+    drops every graph compiled without them (``torch._dynamo.reset()``: other compiled code
+    compiles again at its next call).
+    """
+    import torch._dynamo  # here, not at the top: a second to import (an optimizer step imports it)
+
+    config = torch._dynamo.config
+    if config.skip_nnmodule_hook_guards:
+        config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+
+
+def graph_break() -> None:
+    """Call first in a forward hook: under ``torch.compile``, the hook then runs as Python.
+
+    The graph ends before the hooked module's call, which then runs eagerly with its hooks, so
+    they see real tensors: an output kept to differentiate the logits by (SeReNe) is then on
+    autograd's path to them, which a tensor inside a compiled graph is not (autograd would see
+    the graph as one node, with that output beside the logits). A no-op outside compilation.
+    """
+    if _compiling():
+        torch._dynamo.graph_break()
+
+
+def _compiling() -> bool:
+    check = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    if check is not None:
+        return check()
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and dynamo.is_compiling()
+
+
+@contextmanager
+def without_compile() -> Iterator[None]:
+    """Run the block's forwards as plain Python, even those of a model compiled in place.
+
+    For passes that hook a model for one forward (PSP-entropy, NEq's Ξ, FLOP counts): their
+    hooks then fire, with no graph recompiled or reused (``torch.compiler.set_stance
+    ("force_eager")``, torch >= 2.6). Free when dynamo was never imported.
+    """
+    if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 # ---------------------------------------------------------------------------------------- foreach
@@ -210,3 +293,4 @@ def check_model_and_example(model: Any, example_input: Any) -> None:
             f"Invalid example_input: {getattr(example_input, 'shape', example_input)!r} "
             "(expected a tensor with a batch dimension)"
         )
+

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuronwise._utils import evaluating, find_classifier, split_batch
+from neuronwise._utils import evaluating, find_classifier, split_batch, unwrap, without_compile
 from neuronwise.distributed import all_reduce_sum
 from neuronwise.transformer.groups import FeedForwardUnits, neuron_groups
 
@@ -87,6 +87,7 @@ class PSPEntropy:
         layers: Sequence[str] | None = None,
         num_classes: int | None = None,
     ) -> None:
+        model = unwrap(model)
         candidates = {n: m for n, m in model.named_modules() if isinstance(m, _UNIT_MODULES)}
         if layers is None:
             if not candidates:
@@ -135,7 +136,7 @@ class PSPEntropy:
             for name, module in self._modules.items()
         ]
         try:
-            with evaluating(self.model):
+            with evaluating(self.model), without_compile():
                 return self.model(inputs)
         finally:
             for handle in handles:

@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from neuronwise._utils import unwrap
 from neuronwise.masks import PRUNABLE_MODULES, ParameterMask, prunable_parameters
 
 
 def _reparametrized(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(module name, module, parameter name) of every parameter pruned by torch.nn.utils.prune."""
     found = []
-    for module_name, module in model.named_modules():
+    for module_name, module in unwrap(model).named_modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, prune.BasePruningMethod):
                 found.append((module_name, module, hook._tensor_name))
@@ -96,7 +97,7 @@ def export_torch_prune(
     if not isinstance(mask, ParameterMask):
         raise TypeError(f"Invalid mask: {type(mask).__name__} (expected ParameterMask)")
     owners = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in unwrap(model).named_modules():
         for name, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), (module_name, module, name))
     missing = [i for i, p in enumerate(mask.params) if id(p) not in owners]

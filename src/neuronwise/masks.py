@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from neuronwise._utils import by_device_and_dtype, check_modules, use_foreach
+from neuronwise._utils import by_device_and_dtype, check_modules, unwrap, use_foreach
 from neuronwise.transformer.groups import AttentionHeads, neuron_groups
 
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
@@ -30,9 +30,11 @@ def prunable_parameters(
 ) -> list[tuple[str, nn.Parameter]]:
     """Named parameters of every module of a type in ``modules``, in ``named_modules()`` order.
 
-    Names are qualified as in ``model.named_parameters()``; a shared parameter appears once.
+    Names are qualified as in ``model.named_parameters()`` of the module inside a
+    ``torch.compile``/DDP wrapper; a shared parameter appears once.
     """
     modules = check_modules(modules)
+    model = unwrap(model)
     seen: set[int] = set()
     named = []
     for module_name, module in model.named_modules():
@@ -135,6 +137,8 @@ class ParameterMask:
                 f"got {type(model_or_params).__name__}"
             )
         self.granularity = granularity
+        if isinstance(model_or_params, nn.Module):
+            model_or_params = unwrap(model_or_params)
         self.params = resolve_parameters(model_or_params, modules)
         # (index of a Linear/Conv2d weight, index of its bias or None) within self.params
         self._neurons: list[tuple[int, int | None]] = []

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from neuronwise._utils import evaluating, layer_neurons
+from neuronwise._utils import evaluating, layer_neurons, unwrap, without_compile
 
 PARAMETER_CONVENTIONS = ("paper", "all", "lobster-log")
 NEURON_CONVENTIONS = ("default", "serene-log", "neq")
@@ -55,6 +55,7 @@ def _parameter_tensors(model: nn.Module, convention: str) -> list[Tensor]:
         raise ValueError(
             f"Invalid convention: {convention!r} (expected one of {PARAMETER_CONVENTIONS})"
         )
+    model = unwrap(model)
     if convention == "all":
         return list(model.parameters())
     types = _PARAMETER_MODULES[convention]
@@ -128,7 +129,7 @@ def count_neurons(model: nn.Module, convention: str = "default") -> dict[str, tu
             f"Invalid convention: {convention!r} (expected one of {NEURON_CONVENTIONS})"
         )
     counts: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
+    for name, module in unwrap(model).named_modules():
         if convention == "neq":
             channels = layer_neurons(module)
             if channels:
@@ -160,6 +161,7 @@ def _hooked_counts(
         raise ValueError("Invalid example_input: empty batch (expected at least one sample)")
     counts: dict[str, int] = {}
     handles = []
+    model = unwrap(model)
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple, Tensor], None]:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -183,7 +185,7 @@ def hooked_eval_forward(model: nn.Module, handles: list, forward: Callable[[], o
     root's; both happen even if the forward raises.
     """
     try:
-        with evaluating(model):
+        with evaluating(model), without_compile():
             forward()
     finally:
         for handle in handles:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from ._utils import check_modules
+from ._utils import check_modules, graph_break, unwrap, watch_hooks
 
 VARIANTS = ("lower-bound", "full", "local")
 
@@ -43,6 +43,7 @@ class _OutputRecorder:
         self.outputs = outputs
 
     def __call__(self, module: nn.Module, inputs, output: Tensor) -> None:
+        graph_break()  # under torch.compile, z must be a real tensor on the way to the logits
         if torch.is_grad_enabled():
             self.outputs[self.name] = output
 
@@ -61,7 +62,8 @@ class NeuronActivations:
     ``Conv`` channels on dimension 1. Use as a context manager or call :meth:`remove`.
 
     Args:
-        model: the network; module names are those of ``model.named_modules()``.
+        model: the network, or its ``torch.compile``/DDP wrapper; module names are those of the
+            module inside (:func:`~neuronwise._utils.unwrap`).
         modules: module types whose outputs are recorded.
     """
 
@@ -71,6 +73,8 @@ class NeuronActivations:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected torch.nn.Module)")
         modules = check_modules(modules)
+        model = unwrap(model)
+        watch_hooks()
         self.outputs: dict[str, Tensor] = {}
         self.channel_dims: dict[str, int] = {}
         self.modules: dict[str, nn.Module] = {}

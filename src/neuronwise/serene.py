@@ -12,6 +12,7 @@ from ._utils import (
     check_foreach,
     check_lam,
     load_hyperparameters,
+    unwrap,
     use_foreach,
 )
 from .masks import ParameterMask, check_mask
@@ -54,7 +55,8 @@ class SeReNe:
     ``PruneOnPlateau(model, evaluate, modules=(nn.Linear, nn.Conv2d), mask=reg.mask)``.
 
     Args:
-        model: the network (or its DDP wrapper).
+        model: the network, or its DDP or ``torch.compile`` wrapper (compiled before or after;
+            names are those of the module inside).
         lam: regularization strength λ ≥ 0.
         variant: ``"lower-bound"`` (default), ``"full"`` or ``"local"``.
         modules: regularized module types.
@@ -79,6 +81,7 @@ class SeReNe:
         self.lam = check_lam(lam)
         self.variant = _check_variant(variant)
         self.foreach = check_foreach(foreach)
+        model = unwrap(model)
         self.activations = NeuronActivations(model, modules)
         self.mask = check_mask(mask) or ParameterMask(model, modules,
                                                       zeros_at_start=zeros_at_start)

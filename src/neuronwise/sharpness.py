@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuronwise._utils import evaluating, split_batch
+from neuronwise._utils import evaluating, split_batch, unwrap
 from neuronwise.distributed import all_reduce_sum
 
 __all__ = ["LandscapeSlice", "Sharpness", "landscape_slice", "sharpness"]
@@ -215,6 +215,7 @@ def _filter_normalized(
 def _interpolation_pairs(
     model: nn.Module, other: nn.Module
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    model, other = unwrap(model), unwrap(other)
     own = dict(model.named_parameters())
     own.update((n, b) for n, b in model.named_buffers() if b.is_floating_point())
     theirs = dict(other.named_parameters())

@@ -49,7 +49,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ._utils import find_classifier
+from ._utils import find_classifier, unwrap
 from .masks import ParameterMask, check_mask
 from .pruning.importance import NeuronImportance, neuron_l1, neuron_scores
 from .structure import channel_groups
@@ -63,6 +63,7 @@ __all__ = ["SCOPES", "l1_structured_prune", "neuron_l1_norms"]
 def _prunable_layers(
     model: nn.Module, ignore: nn.Module | Iterable[nn.Module] | None
 ) -> list[tuple[str, nn.Module]]:
+    model = unwrap(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, STRUCTURED_MODULES)]
     if not layers:
         raise ValueError("Invalid model: it has no Linear or Conv2d layer")

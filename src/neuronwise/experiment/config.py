@@ -89,6 +89,9 @@ class TrainConfig:
                                     "--resume)", bounds="> 0")
     channels_last: bool = setting(False, "NHWC conv weights: faster CPU convs/pooling (may change "
                                   "on --resume)")
+    compile: bool = setting(False, "train with torch.compile(model), compiled after the method "
+                            "hooked it; evaluation stays eager, checkpoints are the same (may "
+                            "change on --resume)")
 
 
 # Sections of the registered methods follow this key in a config file (before ``pruning``).

@@ -318,7 +318,7 @@ def _check_crc(path: Path) -> None:
 # where files lie: the data (its checksums are verified wherever it is) and model.init_from (read
 # only when a run starts; a moved study points it at its dense checkpoint's new place).
 MAY_CHANGE_ON_RESUME = ("train.epochs", "train.threads", "train.checkpoint_every",
-                        "train.channels_last", "data.root", "model.init_from")
+                        "train.channels_last", "train.compile", "data.root", "model.init_from")
 # Their train. keys (a study compares its base.train section with these).
 RESUME_MAY_CHANGE = tuple(k.split(".", 1)[1] for k in MAY_CHANGE_ON_RESUME if k.startswith("train."))
 

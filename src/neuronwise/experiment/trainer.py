@@ -148,6 +148,11 @@ class Trainer:
             train_set=self.train_set, seed=c.train.seed)
         for callback in self.callbacks:
             callback.setup(context)
+        if c.train.compile:
+            # The methods hooked self.model; the compiled wrapper runs the same modules, and
+            # hooks they add or remove later recompile it (neuronwise._utils.watch_hooks).
+            # Evaluation and checkpoints use self.model: the same keys, compiled or not.
+            self.train_model = torch.compile(self.train_model)
 
     def _load_model_weights(self, path: str) -> None:
         from .rundir import load_checkpoint

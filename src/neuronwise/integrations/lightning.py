@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuronwise import distributed, models
+from neuronwise._utils import graph_break, watch_hooks
 from neuronwise.experiment.methods import MethodCallback, MethodContext
 from neuronwise.experiment.methods.lobster import LobsterCallback as _Lobster
 from neuronwise.experiment.methods.neq import NEqCallback as _NEq
@@ -184,6 +185,7 @@ class _OutputRecorder:
         self.output: Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        graph_break()  # SeReNe differentiates these logits: a real tensor, not a graph's inside
         if torch.is_grad_enabled():
             self.output = output
 
@@ -212,6 +214,7 @@ class SeReNeCallback(MethodCallbackAdapter):
         named = dict(pl_module.named_modules())
         if name not in named:
             raise ValueError(f"Invalid logits_module: {name!r} is not a module of the model")
+        watch_hooks()
         self._handles.append(named[name].register_forward_hook(self._recorder))
 
     def _logits(self) -> Tensor:

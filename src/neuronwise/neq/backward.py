@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from neuronwise import metrics
+from neuronwise._utils import graph_break, unwrap, watch_hooks
 
 # When the split backward beats autograd's, as a cost model in multiply-adds fitted on CPU
 # (AVX-512, one thread, batch 32 and 100; benchmarks/neq_backward.py --layers,
@@ -204,6 +205,7 @@ class FrozenGradSkip:
         self.params: list[nn.Parameter] = []
 
     def apply(self, modules: Mapping[str, nn.Module], frozen: Mapping[str, Tensor]) -> None:
+        watch_hooks()
         for name, module in modules.items():
             mask = frozen[name]
             if bool(mask.all()):
@@ -244,6 +246,7 @@ class ActiveRowsHook:
         self.mask_unsplit = mask_unsplit
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        graph_break()  # the split is decided on real tensors, and its autograd node is ours
         if not torch.is_grad_enabled() or not module.weight.requires_grad:
             return None
         x = args[0]
@@ -279,6 +282,7 @@ def avoidable_backward_flops(
     the next layer's input gradient towards the channels of its frozen neurons, which nothing
     needs, counts as needed (and :class:`ActiveRowsGrad` computes it).
     """
+    model = unwrap(model)
     frozen = dict(frozen or {})
     counts = metrics.forward_flops(model, example_input)
     del counts["total"]

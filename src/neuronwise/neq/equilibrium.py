@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from neuronwise import metrics
-from neuronwise._utils import find_classifier, is_number, layer_neurons
+from neuronwise._utils import find_classifier, is_number, layer_neurons, unwrap
 from neuronwise.transformer.groups import AttentionHeads, neuron_groups
 
 from .backward import FrozenGradSkip
@@ -72,7 +72,8 @@ class NEq:
     freezes the same neurons whether Ξ is split across ranks or replicated.
 
     Args:
-        model: the network (an unwrapped module or its DDP wrapper).
+        model: the network, or its DDP or ``torch.compile`` wrapper (compiled before or after;
+            layer names are those of the module inside).
         val_inputs: the inputs of Ξ, in a fixed order, as one tensor (N, ...).
         eps: threshold ε ≥ 0.
         mu: velocity momentum μ in [0, 1].
@@ -112,9 +113,7 @@ class NEq:
             raise TypeError(f"Invalid model: {type(model).__name__} (expected an nn.Module)")
         if not isinstance(val_inputs, Tensor) or val_inputs.dim() == 0 or len(val_inputs) == 0:
             raise ValueError("Invalid val_inputs: expected a tensor with at least one sample")
-        self.model = (
-            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        )
+        self.model = unwrap(model)
         self.val_inputs = val_inputs
         self._set_hyperparameters({
             "eps": eps, "mu": mu, "velocity_form": velocity, "warmup": warmup, "mode": mode,

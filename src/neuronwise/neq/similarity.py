@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from neuronwise import distributed
-from neuronwise._utils import evaluating, layer_neurons
+from neuronwise._utils import evaluating, layer_neurons, without_compile
 from neuronwise.transformer.groups import AttentionHeads
 
 
@@ -128,7 +128,7 @@ def validation_pass(
             handles.append(module.register_forward_hook(hook_for(name)))
     device = next(model.parameters()).device
     try:
-        with evaluating(model):
+        with evaluating(model), without_compile():
             for start in range(0, total, batch_size):
                 model(inputs[start : start + batch_size].to(device))
     finally:

@@ -16,6 +16,7 @@ from neuronwise._utils import (
     check_nonnegative,
     clone_state,
     load_hyperparameters,
+    unwrap,
 )
 from neuronwise.masks import PRUNABLE_MODULES, ParameterMask, check_mask, prunable_parameters
 
@@ -70,7 +71,7 @@ class PruneOnPlateau:
         self.plateau_tolerance = check_nonnegative("plateau_tolerance", plateau_tolerance)
         self.safe_threshold = bool(safe_threshold)
         self.importance = importance
-        self.model = model
+        self.model = unwrap(model)  # best_state keys as an uncompiled model's
         self.evaluate = evaluate
         self.named_params = prunable_parameters(model, modules)
         if not self.named_params:

@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from neuronwise._utils import unwrap
+
 from .vocabulary import (
     PRODUCERS,
     arg,
@@ -73,7 +75,7 @@ class _UnionFind:
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx`` capture of a deep copy of ``model`` in eval mode (stochastic depth and dropout
     trace as what they compute at inference); one clear error if it cannot be traced."""
-    copied = copy.deepcopy(model).eval()
+    copied = copy.deepcopy(unwrap(model)).eval()
     try:
         return fx.symbolic_trace(copied).eval()
     except Exception as error:  # noqa: BLE001 - fx raises TraceError, TypeError, ...

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from neuronwise._utils import check_model_and_example
+from neuronwise._utils import check_model_and_example, unwrap
 from neuronwise.transformer.simplify import compose_kept, simplify_transformer
 
 from .graph import (
@@ -154,6 +154,7 @@ def _prepare(
     prune_residual_stream: bool,
 ) -> tuple[Analysis, set[str], Tensor, Kept]:
     check_model_and_example(model, example_input)
+    model = unwrap(model)
     names = {id(m): name for name, m in model.named_modules()}
     known = set(names.values())
     pinned_targets = set()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from neuronwise._utils import unwrap
 from neuronwise.transformer.modules import MultiheadAttention
 
 __all__ = ["ELEMENTWISE", "AttentionHeads", "FeedForwardUnits", "neuron_groups"]
@@ -155,7 +156,7 @@ def neuron_groups(model: nn.Module) -> list[AttentionHeads | FeedForwardUnits]:
     """
     groups: list[AttentionHeads | FeedForwardUnits] = []
     inside: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in unwrap(model).named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue
         heads = attention_heads(name, module)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from neuronwise._utils import check_model_and_example
+from neuronwise._utils import check_model_and_example, unwrap, without_compile
 from neuronwise.transformer.groups import AttentionHeads, attention_heads, ffn_layers
 from neuronwise.transformer.modules import (
     AddConstant,
@@ -73,7 +73,7 @@ def simplify_transformer(
             lies inside a pinned one, is left as it is.
     """
     check_model_and_example(model, example_input)
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(unwrap(model)).eval()
     calls = _record_calls(model, example_input[:1].detach())
     pinned = set(pinned)
     for name in list(calls):
@@ -153,7 +153,7 @@ def _record_calls(model: nn.Module, example: Tensor) -> dict[str, tuple[tuple, d
         m.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, m in model.named_modules()
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), without_compile():
             model(example)
     finally:
         for handle in handles:
