@@ -215,3 +215,23 @@ def test_torchvision_groups_are_masked_together(name, members):
         model.get_submodule(members[0]).out_channels - 1
     reference = model(x)
     assert (small(x) - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_the_plateau_schedule_of_a_run_couples_its_neuron_mask_on_the_run_input():
+    from neuronwise.experiment.methods.base import MethodContext
+    from neuronwise.experiment.methods.plateau import PlateauPruningCallback
+
+    model = nw.models.create("resnet20").eval()
+    callback = PlateauPruningCallback(patience=0, granularity="neurons")
+    callback.setup(MethodContext(model, [torch.optim.SGD(model.parameters(), lr=0.1)],
+                                 torch.device("cpu"), torch.zeros(1, 3, 32, 32)))
+    # Channel 0 of layer1's stream: the stem conv and every block's conv2, followed through the
+    # option-A shortcuts, which pad planes/4 zero channels in front (32/4 = 8, then 64/4 = 16).
+    stream = [("conv1", 0)] + [(f"layer{s}.{b}.conv2", c) for s, c in ((1, 0), (2, 8), (3, 24))
+                               for b in range(3)]
+    zero_rows(model, stream[:-1])
+    callback.mask.update()
+    assert all(c not in masked_rows(model, callback.mask, name) for name, c in stream)
+    zero_rows(model, stream[-1:])
+    callback.mask.update()
+    assert all(masked_rows(model, callback.mask, name) == [c] for name, c in stream)
