@@ -235,3 +235,12 @@ def test_the_plateau_schedule_of_a_run_couples_its_neuron_mask_on_the_run_input(
     zero_rows(model, stream[-1:])
     callback.mask.update()
     assert all(masked_rows(model, callback.mask, name) == [c] for name, c in stream)
+
+
+def test_a_compiled_model_is_coupled_through_its_wrapper():
+    model = residual_net()
+    zero_rows(model, [("stem", 1), ("conv2", 1), ("stem", 2), ("conv2", 2), ("dw", 2)])
+    mask = ParameterMask(torch.compile(model), (nn.Linear, nn.Conv2d), granularity="neurons",
+                         example_input=X[:1])
+    mask.update()
+    assert [masked_rows(model, mask, name) for name in STREAM] == [[2], [2], [2]]

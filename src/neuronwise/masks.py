@@ -303,14 +303,12 @@ def _coupled_rows(
     """The coupled channel groups of ``model`` (unwrapped) with two or more Linear/Conv2d rows
     among ``params``, as (index in ``params``, row) pairs."""
     index = {id(p): i for i, p in enumerate(params)}
+    weights = {name: index[id(m.weight)] for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m.weight) in index}
     coupled = []
     for group in channel_groups(model, example_input):
-        rows = []
-        for name, side, row in group.members:
-            module = model.get_submodule(name)
-            if side == "out" and isinstance(module, (nn.Linear, nn.Conv2d)) and \
-                    id(module.weight) in index:
-                rows.append((index[id(module.weight)], row))
+        rows = [(weights[name], row) for name, side, row in group.members
+                if side == "out" and name in weights]
         if len(rows) > 1:
             coupled.append(rows)
     return coupled
