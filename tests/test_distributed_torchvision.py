@@ -10,14 +10,12 @@ NEq similarities and PSP counts are what must keep the ranks together.
 from __future__ import annotations
 
 import gc
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import _assert_identical, _free_port, _launch  # the same launcher
 
 try:
     from neuronwise.integrations.torchvision import models as _torchvision
@@ -156,38 +154,13 @@ def _worker(out: Path) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_torchvision")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-         f"--master-port={_free_port()}", __file__, str(out)],
-        capture_output=True, text=True, check=False, timeout=300, env=env, cwd=out)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
+    _launch([f"--master-port={_free_port()}", __file__, out], out)
     saved = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [s["live_wrappers"] for s in saved] == [0, 0]  # none outlived the process group
     return [s["results"] for s in saved]
-
-
-def _assert_equal(a, b, where):
-    if isinstance(a, dict):
-        assert sorted(a) == sorted(b), where
-        for key in a:
-            _assert_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, z) in enumerate(zip(a, b)):
-            _assert_equal(x, z, f"{where}[{i}]")
-    else:
-        assert torch.equal(a, b), where
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -195,7 +168,7 @@ def _assert_equal(a, b, where):
 def test_ranks_agree_after_training_on_different_data(ranks, family, method):
     key = f"{family}/{method}"
     rank0, rank1 = ranks[0][key], ranks[1][key]
-    _assert_equal(rank0, rank1, key)
+    _assert_identical(rank0, rank1, key)
     if method in ("serene", "lobster"):
         assert rank0["pruned"][1] > 0  # a pruning decision was taken (and taken alike)
     elif method == "neq":
