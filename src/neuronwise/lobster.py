@@ -49,7 +49,8 @@ class Lobster:
       (default Linear, Conv2d, BatchNorm2d); or an iterable of tensors or param groups.
     - ``mask`` keeps pruned entries at exactly 0 whatever the optimizer does; share it with the
       pruner, ``PruneOnPlateau(model, mask=reg.mask)``, so that new zeros are kept. Pass a
-      ``ParameterMask(model, granularity="neurons")`` for neuron masks. The default mask masks
+      ``ParameterMask(model, granularity="neurons", example_input=x)`` for neuron masks (coupled
+      channels, e.g. of a residual stream, masked together). The default mask masks
       nothing until a pruning step (``zeros_at_start="free"``, METHODS.md §1 DECISION 2026-12), so
       zero-initialised parameters such as BatchNorm β train; ``zeros_at_start="masked"`` is the
       official rule (1 where p ≠ 0 at construction), e.g. for a model pruned before.

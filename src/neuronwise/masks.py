@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from neuronwise._utils import by_device_and_dtype, check_modules, unwrap, use_foreach
+from neuronwise.structure.groups import channel_groups
 from neuronwise.transformer.groups import AttentionHeads, neuron_groups
 
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
@@ -102,6 +103,19 @@ class ParameterMask:
     group: when its value rows are all zero, all its q, k, v rows and their biases are masked.
     ``"neurons"`` needs the model, to pair weights with biases.
 
+    Coupled neurons (``example_input`` given, ``"neurons"`` only): the rows of a coupled channel
+    group (:func:`neuronwise.structure.channel_groups` of the model run on ``example_input``: the
+    channel of a residual stream in every conv that writes it, a depthwise conv's channel with the
+    channel feeding it, a squeeze-and-excitation scale with the channel it scales) are masked
+    together, when every one of them is all zero, and none while one of them is alive::
+
+        masked(k) = ∧_{j ∈ group(k)} (W[j] = 0)       (producer rows j of k's group)
+
+    A masked row is then one that ``simplify`` removes (unless its group reaches the model output
+    or an unsupported operation); a row zeroed alone in a live group stays free, since removing it
+    would not shrink the model. Plain chains (LeNets, VGG) have one row per group: the mask is the
+    same with or without ``example_input``. Without it every row is its own group.
+
     ``zeros_at_start="free"`` (default, METHODS.md §1 DECISION 2026-12): nothing is masked until
     the first :meth:`update`, which a pruning step calls, so parameters that start at zero
     (BatchNorm β, zero-initialised γ) train freely; ``"masked"`` (official LOBSTER) masks the entries
@@ -122,6 +136,7 @@ class ParameterMask:
         modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
         granularity: str = "params",
         zeros_at_start: str = "free",
+        example_input: Tensor | None = None,
     ) -> None:
         if zeros_at_start not in ZEROS_AT_START:
             raise ValueError(
@@ -135,6 +150,11 @@ class ParameterMask:
             raise ValueError(
                 "Invalid granularity: 'neurons' needs a model (to pair weight rows with biases), "
                 f"got {type(model_or_params).__name__}"
+            )
+        if example_input is not None and granularity != "neurons":
+            raise ValueError(
+                f"Invalid example_input: it couples neurons, but granularity is {granularity!r} "
+                "(expected 'neurons')"
             )
         self.granularity = granularity
         if isinstance(model_or_params, nn.Module):
@@ -157,6 +177,10 @@ class ParameterMask:
                     bias = named.get(group.in_bias) if group.in_bias else None
                     bias_index = index.get(id(bias)) if bias is not None else None
                     self._heads.append((index[id(named[group.in_weight])], bias_index, group))
+        # Each coupled group of two or more rows: (index of a weight in self.params, row) pairs.
+        self._coupled: list[list[tuple[int, int]]] = []
+        if example_input is not None:
+            self._coupled = _coupled_rows(model_or_params, example_input, self.params)
         if zeros_at_start == "masked":
             self.update()
         else:
@@ -192,6 +216,7 @@ class ParameterMask:
             masks[weight_index] = alive.view(row_shape).expand_as(weight).clone()
             if bias_index is not None:
                 masks[bias_index] = alive.clone()
+        self._keep_live_groups(masks)
         for weight_index, bias_index, heads in self._heads:
             weight = self.params[weight_index]
             values = heads.per_head(weight != 0)[2]  # (H, d, in): the value rows of each head
@@ -200,6 +225,24 @@ class ParameterMask:
             if bias_index is not None:
                 masks[bias_index] = masks[bias_index] & rows
         self.masks = masks
+
+    def _keep_live_groups(self, masks: list[Tensor]) -> None:
+        """Unmask the rows of every coupled group that has a live row (``masks`` in place)."""
+        if not self._coupled:
+            return
+        biases = dict(self._neurons)
+        alive = {w: masks[w].reshape(masks[w].shape[0], -1).any(dim=1).tolist() for w in biases}
+        revived: dict[int, list[int]] = {}
+        for rows in self._coupled:
+            if any(alive[w][r] for w, r in rows):
+                for w, r in rows:
+                    if not alive[w][r]:
+                        revived.setdefault(w, []).append(r)
+        for w, rows in revived.items():
+            index = torch.tensor(rows, device=masks[w].device)
+            masks[w][index] = True
+            if biases[w] is not None:
+                masks[biases[w]][index] = True
 
     @torch.no_grad()
     def apply(self, foreach: bool | None = None) -> None:
@@ -252,6 +295,23 @@ class ParameterMask:
                     f"Invalid masks[{i}]: shape {tuple(mask.shape)} (expected {tuple(p.shape)})"
                 )
         self.masks = [m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, self.params)]
+
+
+def _coupled_rows(
+    model: nn.Module, example_input: Tensor, params: list[Tensor]
+) -> list[list[tuple[int, int]]]:
+    """The coupled channel groups of ``model`` (unwrapped) with two or more Linear/Conv2d rows
+    among ``params``, as (index in ``params``, row) pairs."""
+    index = {id(p): i for i, p in enumerate(params)}
+    weights = {name: index[id(m.weight)] for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m.weight) in index}
+    coupled = []
+    for group in channel_groups(model, example_input):
+        rows = [(weights[name], row) for name, side, row in group.members
+                if side == "out" and name in weights]
+        if len(rows) > 1:
+            coupled.append(rows)
+    return coupled
 
 
 def check_mask(mask: Any) -> ParameterMask | None:

@@ -63,7 +63,10 @@ class SeReNe:
         foreach: use the multi-tensor kernels (default: on CUDA only, as ``torch.optim``).
         mask: the :class:`~neuronwise.pruning.ParameterMask` to apply (default: a new one over the
             weights and biases of ``modules``, built with ``zeros_at_start``); pass
-            ``ParameterMask(model, (nn.Linear, nn.Conv2d), granularity="neurons")`` for neuron masks.
+            ``ParameterMask(model, (nn.Linear, nn.Conv2d), granularity="neurons", example_input=x)``
+            for neuron masks (``example_input``: a residual stream's channel, a depthwise pair, is
+            masked in every conv that writes it, only once all are dead, so that every masked
+            neuron is one ``simplify`` removes; plain chains mask the same without it).
         zeros_at_start: ``"free"`` (default): nothing is masked until a pruning step;
             ``"masked"`` (official): entries that are zero now stay zero (see ``ParameterMask``).
     """

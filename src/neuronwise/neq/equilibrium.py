@@ -68,6 +68,15 @@ class NEq:
     the constructor's values. ``layers``, ``exclude`` and ``val_inputs`` define the hooked model and
     Ξ and must match (``layers`` is checked).
 
+    Frozen sets are per neuron, not per coupled channel group
+    (:func:`neuronwise.structure.channel_groups`), on purpose: freezing moves no structure. A frozen
+    row still computes its forward, so holding any subset of rows still leaves every function valid;
+    groups matter only where rows are removed (masks, ``simplify``). Equilibrium is a property of
+    each layer's own output (a block's conv2 before the residual addition, not the stream), and
+    the writers of one stream channel can be at rest and moving at once: coupling would either
+    freeze a moving neuron or train a resting one, losing the saving, while the backward work
+    skipped is per row either way.
+
     Similarity sums and counts are all-reduced (:mod:`neuronwise.distributed`), so every rank
     freezes the same neurons whether Ξ is split across ranks or replicated.
 

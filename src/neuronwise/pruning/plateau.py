@@ -43,7 +43,12 @@ class PruneOnPlateau:
     optimizer step (or ``pruner.mask.attach(optimizer)``). If neither was done, pruned entries
     come back to life between epochs: ``step`` then warns once and zeroes them again before
     rebuilding the mask, so a pruning decision is never silently undone. ``granularity`` sets the
-    kind of mask created when ``mask`` is None.
+    kind of mask created when ``mask`` is None; with ``granularity="neurons"``, ``example_input``
+    (an input batch of the model) couples the neurons that ``simplify`` can only remove together
+    (a residual stream's channel in every conv writing it, depthwise pairs): they are masked when
+    all of them are dead (:class:`~neuronwise.pruning.ParameterMask`). Pass it for residual or
+    depthwise models (torchvision ResNets, MobileNets); plain chains (LeNets, VGG) mask the same
+    without it.
 
     ``val_loss`` and ``evaluate()`` are the caller's: under DDP, reduce them over ranks (e.g. with
     ``neuronwise.distributed.all_reduce_mean``) so that every rank prunes the same way.
@@ -65,6 +70,7 @@ class PruneOnPlateau:
         safe_threshold: bool = False,
         mask: ParameterMask | None = None,
         importance: ParameterImportance = magnitude,
+        example_input: Tensor | None = None,
     ) -> None:
         self.patience = check_int("patience", patience, 0)
         self.tolerance = check_nonnegative("tolerance", tolerance)
@@ -78,7 +84,14 @@ class PruneOnPlateau:
             raise ValueError(
                 f"Invalid model: it has no parameters in modules of type {check_modules(modules)}"
             )
-        self.mask = check_mask(mask) or ParameterMask(model, modules, granularity)
+        if mask is not None and example_input is not None:
+            raise ValueError(
+                "Invalid example_input: it shapes the mask this pruner creates, but mask is given "
+                "(build that mask with example_input instead)"
+            )
+        self.mask = check_mask(mask) or ParameterMask(
+            model, modules, granularity, example_input=example_input
+        )
         self.best = math.inf
         self.best_state: dict[str, Tensor] | None = None
         self.num_bad_epochs = 0

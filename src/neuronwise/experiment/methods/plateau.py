@@ -22,7 +22,8 @@ class PlateauPruningCallback(MethodCallback):
     ``regularizer`` (a method callback with a ``mask``, e.g. LOBSTER or SeReNe) the pruner shares
     its mask and, by default, its module types; without it the mask is applied here after every
     optimizer step. ``kwargs`` go to ``PruneOnPlateau`` (``plateau_tolerance``, ``granularity``,
-    ``safe_threshold``, ``importance``).
+    ``safe_threshold``, ``importance``, ``example_input``); a neuron mask created here couples
+    neurons on the loop's example input by default (see ``ParameterMask``).
     """
 
     metrics = (
@@ -45,7 +46,9 @@ class PlateauPruningCallback(MethodCallback):
         self.evaluate = evaluate
         self._modules = modules
         self.kwargs = {"patience": patience, "tolerance": tolerance, **kwargs}
-        nw.PruneOnPlateau(stand_in(), **self.kwargs)  # validates before training starts
+        # validates before training starts (an example input belongs to the real model)
+        nw.PruneOnPlateau(stand_in(), **{k: v for k, v in self.kwargs.items()
+                                         if k != "example_input"})
 
     @classmethod
     def from_config(cls, config: PruningConfig,
@@ -66,9 +69,14 @@ class PlateauPruningCallback(MethodCallback):
     def setup(self, context: MethodContext) -> None:
         super().setup(context)
         self.shared_mask = self.regularizer.mask if self.regularizer is not None else None
+        kwargs = dict(self.kwargs)
+        if (self.shared_mask is None and kwargs.get("granularity") == "neurons"
+                and context.example_input is not None):
+            # coupled neurons: a residual stream's channel is masked only when it can go
+            kwargs.setdefault("example_input", context.example_input)
         self.method = nw.PruneOnPlateau(
             context.model, evaluate=self.evaluate or context.validation_loss,
-            modules=self.modules, mask=self.shared_mask, **self.kwargs)
+            modules=self.modules, mask=self.shared_mask, **kwargs)
 
     def after_optimizer_step(self) -> None:
         # A regularizer applies its own (shared) mask; alone, the pruner's mask is applied here.
