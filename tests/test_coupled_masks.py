@@ -237,6 +237,49 @@ def test_the_plateau_schedule_of_a_run_couples_its_neuron_mask_on_the_run_input(
     assert all(masked_rows(model, callback.mask, name) == [c] for name, c in stream)
 
 
+def test_a_pruner_refuses_a_granularity_its_shared_mask_does_not_have():
+    model = residual_net()
+    with pytest.raises(ValueError, match="Invalid granularity: 'neurons'.*'params'"):
+        PruneOnPlateau(model, lambda: 1.0, granularity="neurons", mask=ParameterMask(model))
+    mask = ParameterMask(model, granularity="neurons")
+    assert PruneOnPlateau(model, lambda: 1.0, granularity="neurons", mask=mask).mask is mask
+    assert PruneOnPlateau(model, lambda: 1.0, mask=mask).mask is mask
+
+
+def test_a_run_with_serene_and_neuron_granularity_shares_a_coupled_neuron_mask():
+    """The run's pruning granularity decides the mask SeReNe shares with the pruner (it was the
+    regularizer's per-entry mask whatever the config said): a zero weight in a live neuron stays
+    free, a dead stream channel is masked in every conv writing it."""
+    from neuronwise.experiment.methods.base import MethodContext
+    from neuronwise.experiment.methods.plateau import PlateauPruningCallback
+    from neuronwise.experiment.methods.schedules import PruningConfig
+    from neuronwise.experiment.methods.serene import SeReNeCallback, SeReNeConfig
+
+    model = residual_net()
+    context = MethodContext(model, [torch.optim.SGD(model.parameters(), lr=0.1)],
+                            torch.device("cpu"), X[:1])
+    serene = SeReNeCallback.from_config(SeReNeConfig(zeros_at_start="masked"))
+    plateau = PlateauPruningCallback.from_config(PruningConfig(granularity="neurons"), serene)
+    serene.setup(context)
+    plateau.setup(context)
+    mask = serene.method.mask
+    assert plateau.method.mask is mask and mask.granularity == "neurons"
+    assert mask.zeros_at_start == "masked"
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = 0  # one entry of a live neuron
+    zero_rows(model, [(name, 1) for name in STREAM])
+    mask.update()
+    assert masked_rows(model, mask, "conv1") == []
+    assert all(masked_rows(model, mask, name) == [1] for name in STREAM)
+    # the default granularity keeps the regularizer's own per-entry mask
+    per_entry = SeReNeCallback.from_config(SeReNeConfig())
+    per_entry.setup(context)
+    default = PlateauPruningCallback.from_config(PruningConfig(), per_entry)
+    default.setup(context)
+    assert default.method.mask is per_entry.method.mask
+    assert per_entry.method.mask.granularity == "params"
+
+
 def test_a_compiled_model_is_coupled_through_its_wrapper():
     model = residual_net()
     zero_rows(model, [("stem", 1), ("conv2", 1), ("stem", 2), ("conv2", 2), ("dw", 2)])

@@ -157,6 +157,7 @@ class ParameterMask:
                 "(expected 'neurons')"
             )
         self.granularity = granularity
+        self.zeros_at_start = zeros_at_start
         if isinstance(model_or_params, nn.Module):
             model_or_params = unwrap(model_or_params)
         self.params = resolve_parameters(model_or_params, modules)

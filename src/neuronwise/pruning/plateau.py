@@ -43,7 +43,8 @@ class PruneOnPlateau:
     optimizer step (or ``pruner.mask.attach(optimizer)``). If neither was done, pruned entries
     come back to life between epochs: ``step`` then warns once and zeroes them again before
     rebuilding the mask, so a pruning decision is never silently undone. ``granularity`` sets the
-    kind of mask created when ``mask`` is None; with ``granularity="neurons"``, ``example_input``
+    kind of mask created when ``mask`` is None (default ``"params"``); with ``mask`` given it may
+    only repeat the mask's own granularity (a mismatch is an error, never silently ignored); with ``granularity="neurons"``, ``example_input``
     (an input batch of the model) couples the neurons that ``simplify`` can only remove together
     (a residual stream's channel in every conv writing it, depthwise pairs): they are masked when
     all of them are dead (:class:`~neuronwise.pruning.ParameterMask`). Pass it for residual or
@@ -66,7 +67,7 @@ class PruneOnPlateau:
         tolerance: float = 0.05,
         plateau_tolerance: float = 0.01,
         modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
-        granularity: str = "params",
+        granularity: str | None = None,
         safe_threshold: bool = False,
         mask: ParameterMask | None = None,
         importance: ParameterImportance = magnitude,
@@ -89,8 +90,13 @@ class PruneOnPlateau:
                 "Invalid example_input: it shapes the mask this pruner creates, but mask is given "
                 "(build that mask with example_input instead)"
             )
+        if mask is not None and granularity not in (None, check_mask(mask).granularity):
+            raise ValueError(
+                f"Invalid granularity: {granularity!r}, but the given mask is "
+                f"{mask.granularity!r} (build the shared mask with granularity={granularity!r})"
+            )
         self.mask = check_mask(mask) or ParameterMask(
-            model, modules, granularity, example_input=example_input
+            model, modules, granularity or "params", example_input=example_input
         )
         self.best = math.inf
         self.best_state: dict[str, Tensor] | None = None

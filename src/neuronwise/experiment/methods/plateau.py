@@ -20,7 +20,8 @@ class PlateauPruningCallback(MethodCallback):
     A plateau of ``patience`` epochs triggers the threshold bisection, which evaluates the
     validation loss once per trial (``evaluate``, default the loop's ``validation_loss``). With
     ``regularizer`` (a method callback with a ``mask``, e.g. LOBSTER or SeReNe) the pruner shares
-    its mask and, by default, its module types; without it the mask is applied here after every
+    its mask and, by default, its module types; a ``granularity`` other than that mask's replaces
+    the regularizer's mask by one of that granularity (coupled on the loop's example input); without it the mask is applied here after every
     optimizer step. ``kwargs`` go to ``PruneOnPlateau`` (``plateau_tolerance``, ``granularity``,
     ``safe_threshold``, ``importance``, ``example_input``); a neuron mask created here couples
     neurons on the loop's example input by default (see ``ParameterMask``).
@@ -68,10 +69,18 @@ class PlateauPruningCallback(MethodCallback):
 
     def setup(self, context: MethodContext) -> None:
         super().setup(context)
-        self.shared_mask = self.regularizer.mask if self.regularizer is not None else None
         kwargs = dict(self.kwargs)
-        if (self.shared_mask is None and kwargs.get("granularity") == "neurons"
-                and context.example_input is not None):
+        granularity = kwargs.get("granularity")
+        coupled = granularity == "neurons" and context.example_input is not None
+        self.shared_mask = self.regularizer.mask if self.regularizer is not None else None
+        if self.shared_mask is not None and granularity not in (None, self.shared_mask.granularity):
+            # the run's pruning granularity decides the mask the regularizer shares with the pruner
+            self.shared_mask = nw.ParameterMask(
+                context.model, self.modules, granularity,
+                zeros_at_start=self.shared_mask.zeros_at_start,
+                example_input=context.example_input if coupled else None)
+            self.regularizer.method.mask = self.shared_mask
+        elif self.shared_mask is None and coupled:
             # coupled neurons: a residual stream's channel is masked only when it can go
             kwargs.setdefault("example_input", context.example_input)
         self.method = nw.PruneOnPlateau(

@@ -31,8 +31,9 @@ class PruningConfig:
                               "|w·∂L/∂w| from the last step's gradient)",
                               choices=lambda: nw.pruning.importance_names("parameter"))
     granularity: Literal["params", "neurons"] = setting(
-        "params", "mask per entry or per whole neuron (a pruner's own neuron mask takes the "
-        "channels coupled by residual additions or depthwise convs together)")
+        "params", "mask per entry or per whole neuron, also the mask LOBSTER/SeReNe share with "
+        "the pruner (a neuron mask takes the channels coupled by residual additions or depthwise "
+        "convs together)")
     safe_threshold: bool = setting(False, "plateau: use the largest threshold verified within TWT")
     sparsity: float = setting(0.9, "oneshot/iterative/gradual: target fraction of zeros",
                               bounds="in [0, 1]")
