@@ -57,7 +57,8 @@ class Lobster:
       zero-initialised parameters such as BatchNorm β train; ``zeros_at_start="masked"`` is the
       official rule (1 where p ≠ 0 at construction), e.g. for a model pruned before.
     - ``foreach``: use the ``torch._foreach_*`` kernels (default: when all parameters are on CUDA);
-      the per-tensor loop defines the semantics and the two agree.
+      the per-tensor loop defines the semantics and the two agree bit for bit. The loop builds S̄
+      in a buffer kept between steps, as large as the largest selected parameter.
     - Gradients must be finite: after a step that AMP skipped for inf/nan gradients, skip
       :meth:`step` too.
     """
