@@ -106,6 +106,7 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("bench-vit-simplify-latency-75-90", "bench",
      ("benchmarks/vit_simplify_latency.py", "vit_simplify_latency_75_90.txt", "--dead-heads",
       "0.75", "--dead-units", "0.9", "--clock", "cpu", "--repeats", "30")),
+    ("bench-crash-resume", "bench", ("benchmarks/crash_resume.py", "crash_resume.txt", "-n", "10")),
 )
 RESULTS = Path("docs/results")  # comparison records and benchmark outputs
 

@@ -122,8 +122,10 @@ def test_benchmark_steps_keep_their_output_and_wait_for_the_runs_they_read(tmp_p
     steps = {name: (kind, args) for name, kind, args in reproduce.STEPS}
     outputs = {args[1] for kind, args in steps.values() if kind == "bench"}
     assert {"lobster_overhead.txt", "data_path.txt", "structured_baselines.txt"} <= outputs
-    # Every benchmark output RESULTS.md links to has a step, and every step's output is kept.
-    linked = set(re.findall(r"\(results/([\w.-]+\.txt)\)", (ROOT / "docs/RESULTS.md").read_text()))
+    # Every benchmark output RESULTS.md or a guide links to has a step; every step's output is kept.
+    pages = [ROOT / "docs/RESULTS.md", *sorted((ROOT / "docs/guide").glob("*.md"))]
+    linked = {name for page in pages
+              for name in re.findall(r"\((?:\.\./)?results/([\w.-]+\.txt)\)", page.read_text())}
     assert linked - {"neq_optimizers.txt"} <= outputs  # that one is the neq-optimizers script's
     assert all((ROOT / "docs/results" / output).exists() for output in outputs)
     line = reproduce.command("bench-data-path", "bench", steps["bench-data-path"][1], tmp_path, 1)
