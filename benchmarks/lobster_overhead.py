@@ -1,9 +1,13 @@
-"""Overhead of ``Lobster.step()`` on a training step, foreach and per-tensor loop, side by side.
+"""Overhead of ``Lobster.step()`` and ``SeReNe.step()`` on a training step, side by side.
 
 Times one SGD step (forward, backward, ``optimizer.step()``) of LeNet-300-100 and LeNet-5 on random
-MNIST-shaped tensors, without the regularizer and with ``Lobster.step()`` in each of its two paths.
-The three variants run interleaved, round after round, so that load on the machine hits them alike;
-the reported times are medians over rounds and the ratios are relative to the plain step.
+MNIST-shaped tensors: plain; with ``Lobster.step()`` in each of its two paths (foreach, per-tensor
+loop); with SeReNe's ``compute()`` alone and with ``compute()`` + ``step()``, whose difference is
+the cost of ``SeReNe.step()`` (``compute()`` is an extra backward, reported apart). The variants
+run interleaved, round after round, so that load on the machine hits them alike; the reported times
+are medians over rounds and the ratios are relative to the plain step. On CPU the clock is the
+process's CPU time (``time.process_time``), which time slices given to other processes of a loaded
+machine do not inflate; on CUDA it is wall-clock time after a synchronize.
 
     python benchmarks/lobster_overhead.py [--device cuda] [--rounds 30] [--steps 20]
 """
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from neuronwise.lobster import Lobster
+from neuronwise.serene import SeReNe
 
 
 def _fallback(name: str) -> nn.Module:
@@ -54,24 +59,34 @@ def build(name: str) -> nn.Module:
     return models.create(name, in_channels=1, image_size=28)  # the MNIST input it times
 
 
-def _synchronize(device: torch.device) -> None:
+def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
 
 
 def time_steps(model, optimizer, reg, batch, steps, device) -> float:
-    """Seconds per training step, averaged over ``steps`` steps."""
+    """Seconds per training step, averaged over ``steps`` steps.
+
+    ``reg``: None, a Lobster, or ``(serene, call_step)``: SeReNe's compute(), and its step() if
+    ``call_step``.
+    """
     x, y = batch
-    _synchronize(device)
-    start = time.perf_counter()
+    serene, call_step = reg if isinstance(reg, tuple) else (None, False)
+    start = _clock(device)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=False)
-        nn.functional.cross_entropy(model(x), y).backward()
+        logits = model(x)
+        if serene is not None:
+            serene.compute(logits)
+        nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
-        if reg is not None:
+        if isinstance(reg, Lobster):
             reg.step()
-    _synchronize(device)
-    return (time.perf_counter() - start) / steps
+        elif call_step:
+            serene.step()  # without it, compute() keeps adding to its sums (one small add each)
+    return (_clock(device) - start) / steps
 
 
 def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
@@ -79,11 +94,15 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
     x = torch.randn(args.batch, 1, 28, 28, generator=generator).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=generator).to(device)
     variants = {}
-    for label, foreach in (("plain", None), ("foreach", True), ("loop", False)):
+    for label in ("plain", "lobster foreach", "lobster loop", "serene compute", "serene step"):
         torch.manual_seed(0)
         model = build(name).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        reg = None if label == "plain" else Lobster(model, lam=1e-4, foreach=foreach)
+        reg = None
+        if label.startswith("lobster"):
+            reg = Lobster(model, lam=1e-4, foreach=label.endswith("foreach"))
+        elif label.startswith("serene"):
+            reg = (SeReNe(model, lam=1e-4), label.endswith("step"))
         variants[label] = (model, optimizer, reg)
     times: dict[str, list[float]] = {label: [] for label in variants}
     for label, variant in variants.items():  # warm-up
@@ -91,11 +110,16 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
     for _ in range(args.rounds):
         for label, variant in variants.items():
             times[label].append(time_steps(*variant, (x, y), args.steps, device))
-    plain = statistics.median(times["plain"])
+    median = {label: statistics.median(t) for label, t in times.items()}
+    plain = median["plain"]
     print(f"{name} (batch {args.batch}, {device.type}): plain step {plain * 1e3:.3f} ms")
     for label in ("foreach", "loop"):
-        median = statistics.median(times[label])
-        print(f"  + Lobster.step() {label:8s} {median * 1e3:.3f} ms   ratio {median / plain:.3f}")
+        step = median[f"lobster {label}"]
+        print(f"  + Lobster.step() {label:8s} {step * 1e3:.3f} ms   ratio {step / plain:.3f}")
+    compute, step = median["serene compute"], median["serene step"]
+    print(f"  + SeReNe.compute()          {compute * 1e3:.3f} ms   ratio {compute / plain:.3f}")
+    print(f"  + SeReNe.compute() + step() {step * 1e3:.3f} ms   "
+          f"SeReNe.step() alone ratio {(plain + step - compute) / plain:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timed blocks")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    clock = "wall-clock" if device.type == "cuda" else "process CPU time"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock}")
     for name in args.models:
         bench(name, args, device)
     print("rerun: python " + " ".join(["benchmarks/lobster_overhead.py", *sys.argv[1:]]))

@@ -92,6 +92,23 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("bench-structured-baselines", "bench",
      ("benchmarks/structured_baselines.py", "structured_baselines.txt",
       "--serene-run", "runs/serene-lenet300-mnist-fast", "--dense-run", "runs/dense-lenet300-mnist")),
+    ("bench-sparse-deploy", "bench", ("benchmarks/sparse_deploy.py", "sparse_deploy.txt",
+                                      "--lenet300", "runs/lobster-lenet300-mnist-deploy",
+                                      "--repeats", "50")),
+    ("bench-simplify-vs-torch-pruning", "bench",
+     ("benchmarks/simplify_vs_torch_pruning.py", "simplify_vs_torch_pruning.txt", "--repeats", "3")),
+    ("bench-simplify-vs-torch-pruning-removed", "bench",
+     ("benchmarks/simplify_vs_torch_pruning.py", "simplify_vs_torch_pruning_removed.txt",
+      "--removed-only", "--size", "64")),
+    ("bench-vit-simplify-latency", "bench",
+     ("benchmarks/vit_simplify_latency.py", "vit_simplify_latency.txt", "--dead-heads", "0.5",
+      "--dead-units", "0.7", "--clock", "cpu", "--repeats", "30")),
+    ("bench-vit-simplify-latency-75-90", "bench",
+     ("benchmarks/vit_simplify_latency.py", "vit_simplify_latency_75_90.txt", "--dead-heads",
+      "0.75", "--dead-units", "0.9", "--clock", "cpu", "--repeats", "30")),
+    ("bench-crash-resume", "bench", ("benchmarks/crash_resume.py", "crash_resume.txt", "-n", "10")),
+    ("bench-ddp-scaling", "bench", ("benchmarks/ddp_scaling.py", "ddp_scaling.txt", "--models",
+                                    "lenet5", "resnet20", "--steps", "20")),
 )
 RESULTS = Path("docs/results")  # comparison records and benchmark outputs
 
@@ -252,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         environment["NEURONWISE_DATA"] = args.data_root
     if args.jobs > 1 and not (args.list or args.dry_run):
         return _run_parallel(steps, args, environment)
+    width = max(len(name) for name, _, _ in steps)
     for name, kind, step_args in steps:
         if args.list:
-            print(f"{name:<38} {kind:<9} {state(name, kind, args.records, step_args)}")
+            print(f"{name:<{width}} {kind:<9} {state(name, kind, args.records, step_args)}")
             continue
         line = command(name, kind, step_args, args.runs, args.threads)
         print(_shown(line), flush=True)

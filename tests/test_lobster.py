@@ -147,7 +147,34 @@ def test_foreach_equals_loop(rescaled, seed):
     Lobster(loop_model, lam=0.05, rescaled=rescaled, foreach=False).step()
     Lobster(foreach_model, lam=0.05, rescaled=rescaled, foreach=True).step()
     for p, q in zip(loop_model.parameters(), foreach_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-7, atol=0.0)
+        # Bit for bit (sign of zero included): the loop's fewer passes round as the op-by-op form.
+        assert torch.equal(p, q)
+        assert torch.equal(torch.signbit(p), torch.signbit(q))
+
+
+def _reference_step(p: torch.Tensor, grad: torch.Tensor, lam: float) -> torch.Tensor:
+    """p − λ·p·relu(1 − |g|), one operation at a time, on copies."""
+    return p.clone().addcmul_(p, grad.abs().neg_().add_(1.0).clamp_min_(0.0), value=-lam)
+
+
+def test_loop_reuses_its_buffer_across_sizes_dtypes_and_reshaped_parameters():
+    # The loop path builds S̄ in one buffer per dtype, as large as the largest parameter; small and
+    # large tensors, two dtypes and a parameter replaced by one of another shape all stay exact.
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(7, 5), (3,), (40,), (2, 3, 3)]
+    params = [nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+    params.append(nn.Parameter(torch.randn(6, 4, generator=generator, dtype=torch.float64)))
+    reg = Lobster(params, lam=0.3, foreach=False)
+    for step in range(3):
+        if step == 2:
+            params[1].data = torch.randn(50, generator=generator)  # larger than any before
+        expected = []
+        for p in params:
+            p.grad = 2 * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            expected.append(_reference_step(p.detach(), p.grad, 0.3))
+        reg.step()
+        for p, want in zip(params, expected):
+            assert torch.equal(p.detach(), want)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """scripts/reproduce.py: its steps are the commands of docs/RESULTS.md, and it resumes run dirs."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -121,8 +122,29 @@ def test_benchmark_steps_keep_their_output_and_wait_for_the_runs_they_read(tmp_p
     steps = {name: (kind, args) for name, kind, args in reproduce.STEPS}
     outputs = {args[1] for kind, args in steps.values() if kind == "bench"}
     assert {"lobster_overhead.txt", "data_path.txt", "structured_baselines.txt"} <= outputs
+    # Every benchmark output RESULTS.md or a guide links to has a step; every step's output is kept.
+    pages = [ROOT / "docs/RESULTS.md", *sorted((ROOT / "docs/guide").glob("*.md"))]
+    linked = {name for page in pages
+              for name in re.findall(r"\((?:\.\./)?results/([\w.-]+\.txt)\)", page.read_text())}
+    assert linked - {"neq_optimizers.txt"} <= outputs  # that one is the neq-optimizers script's
+    assert all((ROOT / "docs/results" / output).exists() for output in outputs)
     line = reproduce.command("bench-data-path", "bench", steps["bench-data-path"][1], tmp_path, 1)
     assert line[:2] == ["sh", "-c"] and "> docs/results/data_path.txt.part &&" in line[2]
     names = {name for name, _, _ in reproduce.STEPS}
     step = ("bench-structured-baselines", *steps["bench-structured-baselines"])
     assert reproduce.needs(step, names) == {"serene-lenet300-mnist-fast", "dense-lenet300-mnist"}
+
+
+def test_results_states_how_many_single_run_records_carry_a_dirty_commit():
+    """The count RESULTS.md gives is that of the records (comparison runs excluded: all clean)."""
+    runs = ROOT / "docs" / "results" / "runs"
+    comparisons = {line.split(",")[3] for line in
+                   (ROOT / "docs" / "results" / "comparisons.csv").read_text().splitlines()[1:]}
+    infos = [p for p in runs.rglob("run_info.json") if p.relative_to(runs).parts[0] not in comparisons]
+    dirty = [p for p in infos if "+dirty" in json.loads(p.read_text()).get("commit", "")]
+    text = " ".join((ROOT / "docs" / "RESULTS.md").read_text().split())
+    found = re.search(r"(\d+) of the (\d+) `run_info.json` copied for these single runs carry a "
+                      r"`\+dirty` commit", text)
+    assert found and (int(found[1]), int(found[2])) == (len(dirty), len(infos))
+    clean = [runs / name / "run_info.json" for name in comparisons]
+    assert all("+dirty" not in json.loads(p.read_text())["commit"] for p in clean)

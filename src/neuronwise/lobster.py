@@ -26,6 +26,8 @@ from neuronwise.masks import (
 
 # Floor of max|g| in the rescaled variant, so that an all-zero gradient does not divide by zero.
 _RESCALE_EPS = 1e-10
+# 1 as a 0-d CPU tensor: ``torch.sub(_ONE, s, out=s)`` is 1 − s in one pass on any device and dtype.
+_ONE = torch.ones(())
 
 
 class Lobster:
@@ -55,7 +57,8 @@ class Lobster:
       zero-initialised parameters such as BatchNorm β train; ``zeros_at_start="masked"`` is the
       official rule (1 where p ≠ 0 at construction), e.g. for a model pruned before.
     - ``foreach``: use the ``torch._foreach_*`` kernels (default: when all parameters are on CUDA);
-      the per-tensor loop defines the semantics and the two agree.
+      the per-tensor loop defines the semantics and the two agree bit for bit. The loop builds S̄
+      in a buffer kept between steps, as large as the largest selected parameter.
     - Gradients must be finite: after a step that AMP skipped for inf/nan gradients, skip
       :meth:`step` too.
     """
@@ -79,22 +82,45 @@ class Lobster:
         self.foreach = check_foreach(foreach)
         self.params = resolve_parameters(model_or_params, modules)
         self.mask = check_mask(mask) or ParameterMask(self.params, zeros_at_start=zeros_at_start)
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._views: dict[int, Tensor] = {}  # id(parameter) -> its view of a buffer
 
     @property
     def strength(self) -> float:
         """The decay factor applied at each step: λ, or λ·lr when ``scale_by_lr``."""
         return self.lam * self.lr if self.scale_by_lr else self.lam
 
-    def _insensitivity(self, grad: Tensor) -> Tensor:
-        sensitivity = grad.abs()
-        if self.rescaled:
-            sensitivity.div_(sensitivity.max().clamp_min(_RESCALE_EPS))
-            return sensitivity.neg_().add_(1.0)
-        return sensitivity.neg_().add_(1.0).clamp_min_(0.0)
+    def _scratch(self, p: Tensor) -> Tensor:
+        """A buffer shaped like ``p``: a cached view of one buffer per device and dtype.
+
+        The parameters are decayed one after another, so one buffer as large as the largest of
+        them serves all: no allocation per step, and the memory of one parameter, as before.
+        """
+        view = self._views.get(id(p))
+        if view is not None and view.shape == p.shape and view.dtype == p.dtype \
+                and view.device == p.device:
+            return view
+        key = (p.device, p.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < p.numel():
+            size = max(q.numel() for q in self.params if (q.device, q.dtype) == key)
+            buffer = self._buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
+            self._views.clear()  # views of the old buffer would keep it alive
+        view = self._views[id(p)] = buffer[: p.numel()].view(p.shape)
+        return view
 
     def _decay_loop(self, params: list[Tensor], strength: float) -> None:
+        # S̄ is built in a scratch buffer (no allocation per step) in three passes, 1 − |g| as one
+        # subtraction from a 0-d one; the same roundings as relu(1 − |g|) written op by op.
         for p in params:
-            p.addcmul_(p, self._insensitivity(p.grad), value=-strength)
+            insensitivity = self._scratch(p)
+            torch.abs(p.grad, out=insensitivity)
+            if self.rescaled:
+                insensitivity.div_(insensitivity.max().clamp_min(_RESCALE_EPS))
+            torch.sub(_ONE, insensitivity, out=insensitivity)
+            if not self.rescaled:
+                insensitivity.clamp_min_(0.0)
+            p.addcmul_(p, insensitivity, value=-strength)
 
     def _decay_foreach(self, params: list[Tensor], strength: float) -> None:
         grads = [p.grad for p in params]

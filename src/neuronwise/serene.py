@@ -19,6 +19,9 @@ from .masks import ParameterMask, check_mask
 from .sensitivity import VARIANTS, NeuronActivations, neuron_sensitivity
 from .transformer.groups import AttentionHeads, neuron_groups
 
+# 1 as a 0-d CPU tensor: ``torch.sub(_ONE, s)`` is 1 − s on any device and dtype, one kernel.
+_ONE = torch.ones(())
+
 
 class SeReNe:
     r"""Decays all incoming weights of each insensitive neuron together, after ``optimizer.step()``.
@@ -124,18 +127,21 @@ class SeReNe:
             )
         weights, factors = [], []
         for name, module in self.activations.modules.items():
-            if name not in self._sums or name in self._residual:
+            total = self._sums.get(name)
+            if total is None or name in self._residual:
                 continue
             w = module.weight
-            sensitivity = self._sums[name] / self._count
+            # S = the mean over the compute() calls (x / 1 == x: one call needs no division)
+            sensitivity = total if self._count == 1 else total / self._count
             if name in self._heads:
                 heads = self._heads[name]
                 sensitivity = heads.to_rows(heads.value_mean(sensitivity))
-            insensitivity = torch.relu(1.0 - sensitivity).to(w)
+            insensitivity = torch.sub(_ONE, sensitivity).relu_().to(w)
             weights.append(w)
-            factors.append(insensitivity.view(-1, *([1] * (w.dim() - 1))).expand_as(w))
+            factors.append(insensitivity.view(-1, *([1] * (w.dim() - 1))))  # broadcast per row
         foreach = use_foreach(self.foreach, weights + self.mask.params)
         if foreach:
+            factors = [f.expand_as(w) for f, w in zip(factors, weights)]  # foreach needs shapes
             for group_weights, group_factors in by_device_and_dtype(weights, factors):
                 torch._foreach_addcmul_(
                     group_weights, group_factors, group_weights, value=-self.lam
