@@ -56,6 +56,28 @@ def test_neuron_mask_masks_a_head_whose_value_rows_are_zero(attention):
     assert mask.violations() == 0
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "torch"])
+def test_neuron_mask_masks_a_head_whose_projection_columns_are_zero(attention):
+    model = small_vit(attention)
+    heads = neuron_groups(model)[0]
+    weight, bias = model.get_parameter(heads.in_weight), model.get_parameter(heads.in_bias)
+    out = model.get_parameter(heads.out_weight)
+    with torch.no_grad():
+        bias.normal_()
+        out[:, 4:8] = 0  # head 1's columns
+    mask = ParameterMask(model, (nn.Linear, nn.MultiheadAttention), granularity="neurons",
+                         zeros_at_start="masked")
+    with torch.no_grad():
+        for p in (weight, bias, out):
+            p.add_(1.0)  # what a training step could do to entries the mask does not hold
+    mask.apply()
+    gone, kept = heads.rows([1]), heads.rows([0, 2, 3])
+    assert torch.all(weight[gone] == 0) and torch.all(bias[gone] == 0)
+    assert torch.all(out[:, 4:8] == 0)
+    assert torch.all(weight[kept] != 0) and torch.all(bias[kept] != 0)
+    assert torch.all(out[:, :4] != 0) and torch.all(out[:, 8:] != 0)
+
+
 def test_serene_decays_each_head_with_its_own_sensitivity():
     model = small_vit().train()
     lam = 0.5
