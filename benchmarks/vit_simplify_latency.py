@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         kill(dense, args.dead_heads, args.dead_units, torch.Generator().manual_seed(0))
         source = f"random: {args.dead_heads:.0%} heads, {args.dead_units:.0%} FFN units dead"
     example = torch.zeros(1, 1, 28, 28)
-    small = nw.simplify(simplify_transformer(dense, example), example)
-    before, after = heads_and_units(dense), heads_and_units(small)
+    smaller = simplify_transformer(dense, example)  # nw.simplify's result is an fx graph
+    before, after = heads_and_units(dense), heads_and_units(smaller)
+    small = nw.simplify(smaller, example)
     x = torch.randn(max(args.batches), 1, 28, 28)
     error = (dense(x) - small(x)).abs().max() / dense(x).abs().max()
     params = [sum(p.numel() for p in m.parameters()) for m in (dense, small)]
