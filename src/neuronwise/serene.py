@@ -132,7 +132,8 @@ class SeReNe:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Apply W[k] ← W[k] − λ·relu(1 − S_k)·W[k], then keep pruned parameters at zero."""
+        """Apply W[k] ← W[k] − λ·relu(1 − S_k)·W[k] (a transformer group's output-projection
+        columns with it), then keep pruned parameters at zero."""
         if self._count == 0:
             raise RuntimeError(
                 "SeReNe.step: no sensitivity (call reg.compute(logits) after the forward and "
@@ -166,7 +167,7 @@ class SeReNe:
         self._sums = {}
         self._count = 0
 
-    def _group_insensitivity(self, name: str, columns: bool) -> Tensor | None:
+    def _group_insensitivity(self, name: str | None, columns: bool) -> Tensor | None:
         """relu(1 − S) of module ``name``'s neurons (its rows), or, with ``columns``, of the group
         whose input side ``name`` is, one entry per output-side column; None without a
         sensitivity."""
