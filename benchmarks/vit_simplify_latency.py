@@ -27,6 +27,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import neuronwise as nw
+from neuronwise.experiment.components import load_datasets
 from neuronwise.experiment.tools import load_run_model
 from neuronwise.latency import measure_latency
 from neuronwise.transformer import simplify_transformer
@@ -61,6 +62,14 @@ def heads_and_units(model: torch.nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def test_error(model: torch.nn.Module, test, batch: int = 1000) -> float:
+    """Top-1 error (%) of ``model`` on an ``ArrayDataset``."""
+    wrong = sum(int((model(test.images[i:i + batch]).argmax(1) != test.labels[i:i + batch]).sum())
+                for i in range(0, len(test.labels), batch))
+    return 100.0 * wrong / len(test.labels)
+
+
+@torch.no_grad()
 def cpu_latency(models: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
     """Median CPU seconds per forward of each model, timed round-robin after 5 warm-up rounds."""
     times: list[list[float]] = [[] for _ in models]
@@ -89,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     dense = nw.models.create("vit", **options).eval()
+    test = None
     if args.run:
         config, dense, _ = load_run_model(args.run, args.checkpoint_name)
         options = config.model.kwargs
         source = f"{args.run}, {args.checkpoint_name}.pt"
+        test = load_datasets(config.data)[1]
     elif args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         dense.load_state_dict(state["model"])
@@ -114,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parameters {params[0]:,} -> {params[1]:,}; MACs ratio {ratio:.3f}; "
           f"max relative output difference {error:.1e}")  # fmt: skip
     print(f"attention heads {before[0]} -> {after[0]}; FFN units {before[1]} -> {after[1]}")
+    if test is not None:
+        print(f"test error of this checkpoint, dense / simplified: {test_error(dense, test):.2f} % / "
+              f"{test_error(small, test):.2f} % ({len(test.labels):,} images)")
     print("batch  dense ms  simplified ms  speed-up  (1/MACs ratio)")
     for batch in args.batches:
         measure = cpu_latency if args.clock == "cpu" else measure_latency
