@@ -2,7 +2,8 @@
 
 The ViT is the registry's (``--set`` model options), either with random dead heads and FFN units
 (``--dead-heads``, ``--dead-units``: fractions killed in every block, value rows and fc1 rows set
-to zero) or trained (``--checkpoint`` of a run: its ``model`` state dict). Simplified =
+to zero) or trained (``--run`` directory: its config.yaml and ``last.pt``/``best.pt``; or a
+``--checkpoint`` file with ``--set`` model options). Simplified =
 ``neuronwise.transformer.simplify_transformer`` then ``neuronwise.simplify``. MACs come from
 ``torch.utils.flop_counter`` (every matmul, attention's included, batch 1, FLOPs / 2). Latency:
 ``neuronwise.latency.measure_latency``, models interleaved, medians; report ratios, not times.
@@ -10,6 +11,7 @@ On a loaded machine wall time mostly measures waiting for a core; ``--clock cpu`
 forward by the process's CPU time instead (one thread: the compute itself), same interleaving.
 
     python benchmarks/vit_simplify_latency.py [--dead-heads 0.5] [--dead-units 0.7] [--set dim=64]
+    python benchmarks/vit_simplify_latency.py --run runs/RUN [--checkpoint-name best]
     python benchmarks/vit_simplify_latency.py --checkpoint runs/RUN/last.pt --set dim=64 depth=4
 """
 
@@ -25,6 +27,8 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import neuronwise as nw
+from neuronwise.experiment.components import load_datasets
+from neuronwise.experiment.tools import load_run_model
 from neuronwise.latency import measure_latency
 from neuronwise.transformer import simplify_transformer
 from neuronwise.transformer.groups import AttentionHeads, FeedForwardUnits, neuron_groups
@@ -50,6 +54,21 @@ def kill(model: torch.nn.Module, heads: float, units: float, generator: torch.Ge
             model.get_submodule(group.fc1).weight[chosen] = 0
 
 
+def heads_and_units(model: torch.nn.Module) -> tuple[int, int]:
+    """(attention heads, FFN units) that ``model``'s attentions and FFNs hold."""
+    groups = neuron_groups(model)
+    return (sum(g.num_heads for g in groups if isinstance(g, AttentionHeads)),
+            sum(g.units for g in groups if isinstance(g, FeedForwardUnits)))
+
+
+@torch.no_grad()
+def test_error(model: torch.nn.Module, test, batch: int = 1000) -> float:
+    """Top-1 error (%) of ``model`` on an ``ArrayDataset``."""
+    wrong = sum(int((model(test.images[i:i + batch]).argmax(1) != test.labels[i:i + batch]).sum())
+                for i in range(0, len(test.labels), batch))
+    return 100.0 * wrong / len(test.labels)
+
+
 @torch.no_grad()
 def cpu_latency(models: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
     """Median CPU seconds per forward of each model, timed round-robin after 5 warm-up rounds."""
@@ -65,6 +84,8 @@ def cpu_latency(models: list[torch.nn.Module], x: torch.Tensor, repeats: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default=None, help="a run directory of a registry ViT")
+    parser.add_argument("--checkpoint-name", choices=("last", "best"), default="last")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--dead-heads", type=float, default=0.5)
     parser.add_argument("--dead-units", type=float, default=0.7)
@@ -77,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     dense = nw.models.create("vit", **options).eval()
-    if args.checkpoint:
+    test = None
+    if args.run:
+        config, dense, _ = load_run_model(args.run, args.checkpoint_name)
+        options = config.model.kwargs
+        source = f"{args.run}, {args.checkpoint_name}.pt"
+        test = load_datasets(config.data)[1]
+    elif args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         dense.load_state_dict(state["model"])
         source = args.checkpoint
@@ -85,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         kill(dense, args.dead_heads, args.dead_units, torch.Generator().manual_seed(0))
         source = f"random: {args.dead_heads:.0%} heads, {args.dead_units:.0%} FFN units dead"
     example = torch.zeros(1, 1, 28, 28)
-    small = nw.simplify(simplify_transformer(dense, example), example)
+    smaller = simplify_transformer(dense, example)  # nw.simplify's result is an fx graph
+    before, after = heads_and_units(dense), heads_and_units(smaller)
+    small = nw.simplify(smaller, example)
     x = torch.randn(max(args.batches), 1, 28, 28)
     error = (dense(x) - small(x)).abs().max() / dense(x).abs().max()
     params = [sum(p.numel() for p in m.parameters()) for m in (dense, small)]
@@ -95,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
           "interleaved rounds")  # fmt: skip
     print(f"parameters {params[0]:,} -> {params[1]:,}; MACs ratio {ratio:.3f}; "
           f"max relative output difference {error:.1e}")  # fmt: skip
+    print(f"attention heads {before[0]} -> {after[0]}; FFN units {before[1]} -> {after[1]}")
+    if test is not None:
+        print(f"test error of this checkpoint, dense / simplified: {test_error(dense, test):.2f} % / "
+              f"{test_error(small, test):.2f} % ({len(test.labels):,} images)")
     print("batch  dense ms  simplified ms  speed-up  (1/MACs ratio)")
     for batch in args.batches:
         measure = cpu_latency if args.clock == "cpu" else measure_latency

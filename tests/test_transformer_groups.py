@@ -56,6 +56,28 @@ def test_neuron_mask_masks_a_head_whose_value_rows_are_zero(attention):
     assert mask.violations() == 0
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "torch"])
+def test_neuron_mask_masks_a_head_whose_projection_columns_are_zero(attention):
+    model = small_vit(attention)
+    heads = neuron_groups(model)[0]
+    weight, bias = model.get_parameter(heads.in_weight), model.get_parameter(heads.in_bias)
+    out = model.get_parameter(heads.out_weight)
+    with torch.no_grad():
+        bias.normal_()
+        out[:, 4:8] = 0  # head 1's columns
+    mask = ParameterMask(model, (nn.Linear, nn.MultiheadAttention), granularity="neurons",
+                         zeros_at_start="masked")
+    with torch.no_grad():
+        for p in (weight, bias, out):
+            p.add_(1.0)  # what a training step could do to entries the mask does not hold
+    mask.apply()
+    gone, kept = heads.rows([1]), heads.rows([0, 2, 3])
+    assert torch.all(weight[gone] == 0) and torch.all(bias[gone] == 0)
+    assert torch.all(out[:, 4:8] == 0)
+    assert torch.all(weight[kept] != 0) and torch.all(bias[kept] != 0)
+    assert torch.all(out[:, :4] != 0) and torch.all(out[:, 8:] != 0)
+
+
 def test_serene_decays_each_head_with_its_own_sensitivity():
     model = small_vit().train()
     lam = 0.5
@@ -77,9 +99,13 @@ def test_serene_decays_each_head_with_its_own_sensitivity():
     per_head = factor.view(3, 4, 4, -1)
     assert torch.allclose(per_head, per_head[:, :, :1, :1].expand_as(per_head))  # one per head
     torch.testing.assert_close(heads.per_head(factor[:, 0])[:, :, 0].flatten(), expected)
-    for name in ("blocks.0.attn.proj.weight", "blocks.0.mlp.fc2.weight"):  # residual stream
-        assert torch.equal(model.get_parameter(name), before[name])
-    assert not torch.equal(model.blocks[0].mlp.fc1.weight, before["blocks.0.mlp.fc1.weight"])
+    # the head's output-projection columns go with it; the residual stream's rows are not neurons
+    proj = model.blocks[0].attn.proj.weight.detach() / before["blocks.0.attn.proj.weight"]
+    torch.testing.assert_close(proj, expected[:4].repeat_interleave(4).expand(16, 16))
+    fc1 = model.blocks[0].mlp.fc1.weight.detach() / before["blocks.0.mlp.fc1.weight"]
+    fc2 = model.blocks[0].mlp.fc2.weight.detach() / before["blocks.0.mlp.fc2.weight"]
+    assert not torch.allclose(fc1, torch.ones_like(fc1))
+    torch.testing.assert_close(fc2, fc1[:, 0].expand(16, 32))  # unit j: fc1 row j, fc2 column j
 
 
 def test_neq_measures_and_freezes_whole_heads():
@@ -134,7 +160,22 @@ def test_converted_multihead_attention_is_the_same_function_and_hookable():
     reg = nw.SeReNe(converted.train(), lam=0.1)
     reg.compute(converted(x))
     before = converted.blocks[0].attn.in_proj.weight.detach().clone()
+    before_out = converted.blocks[0].attn.out_proj.weight.detach().clone()
     reg.step()
     factor = (converted.blocks[0].attn.in_proj.weight / before).view(3, 4, 4, -1)
     assert torch.allclose(factor, factor[:, :, :1, :1].expand_as(factor))  # decayed per head
     assert not torch.allclose(factor, torch.ones_like(factor))
+    out = (converted.blocks[0].attn.out_proj.weight / before_out).view(16, 4, 4)
+    torch.testing.assert_close(out, factor[0, :, :1, :1].view(1, 4, 1).expand(16, 4, 4))
+
+
+def test_serene_leaves_packed_multihead_attention_alone():
+    model = small_vit("torch").train()
+    reg = nw.SeReNe(model, lam=0.5)
+    reg.compute(model(torch.randn(4, 1, 28, 28)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reg.step()
+    for name in ("blocks.0.attn.in_proj_weight", "blocks.0.attn.out_proj.weight"):
+        assert torch.equal(model.get_parameter(name), before[name])  # no hooked in-projection
+    assert not torch.equal(model.get_parameter("blocks.0.mlp.fc2.weight"),
+                           before["blocks.0.mlp.fc2.weight"])

@@ -100,7 +100,9 @@ class ParameterMask:
     DECISION; the official code tests ``sum == 0``). Other entries of Linear/Conv2d weights and
     biases stay free, as in the official neuron mask; parameters of other modules (BatchNorm2d)
     keep per-entry masks. An attention head (:mod:`neuronwise.transformer.groups`) is a neuron
-    group: when its value rows are all zero, all its q, k, v rows and their biases are masked.
+    group: when its value rows are all zero, or its output-projection columns are (the two ways
+    :func:`~neuronwise.transformer.simplify_transformer` finds a head dead), all its q, k, v rows,
+    their biases and its projection columns are masked.
     ``"neurons"`` needs the model, to pair weights with biases.
 
     Coupled neurons (``example_input`` given, ``"neurons"`` only): the rows of a coupled channel
@@ -163,8 +165,9 @@ class ParameterMask:
         self.params = resolve_parameters(model_or_params, modules)
         # (index of a Linear/Conv2d weight, index of its bias or None) within self.params
         self._neurons: list[tuple[int, int | None]] = []
-        # (index of an attention in-projection weight, index of its bias or None, its heads)
-        self._heads: list[tuple[int, int | None, AttentionHeads]] = []
+        # (index of an attention in-projection weight, of its bias or None, of its output
+        # projection's weight or None, its heads)
+        self._heads: list[tuple[int, int | None, int | None, AttentionHeads]] = []
         if granularity == "neurons":
             index = {id(p): i for i, p in enumerate(self.params)}
             for module in model_or_params.modules():
@@ -177,7 +180,9 @@ class ParameterMask:
                 if isinstance(group, AttentionHeads) and id(named[group.in_weight]) in index:
                     bias = named.get(group.in_bias) if group.in_bias else None
                     bias_index = index.get(id(bias)) if bias is not None else None
-                    self._heads.append((index[id(named[group.in_weight])], bias_index, group))
+                    out_index = index.get(id(named[group.out_weight]))
+                    self._heads.append(
+                        (index[id(named[group.in_weight])], bias_index, out_index, group))
         # Each coupled group of two or more rows: (index of a weight in self.params, row) pairs.
         self._coupled: list[list[tuple[int, int]]] = []
         if example_input is not None:
@@ -218,10 +223,15 @@ class ParameterMask:
             if bias_index is not None:
                 masks[bias_index] = alive.clone()
         self._keep_live_groups(masks)
-        for weight_index, bias_index, heads in self._heads:
+        for weight_index, bias_index, out_index, heads in self._heads:
             weight = self.params[weight_index]
             values = heads.per_head(weight != 0)[2]  # (H, d, in): the value rows of each head
-            rows = heads.to_rows(values.flatten(1).any(dim=1))
+            alive = values.flatten(1).any(dim=1)
+            if out_index is not None:  # (out, H, d): each head's projection columns
+                columns = (self.params[out_index] != 0).view(-1, heads.num_heads, heads.head_dim)
+                alive = alive & columns.any(dim=2).any(dim=0)
+                masks[out_index] = masks[out_index] & alive.repeat_interleave(heads.head_dim)
+            rows = heads.to_rows(alive)
             masks[weight_index] = masks[weight_index] & rows[:, None]
             if bias_index is not None:
                 masks[bias_index] = masks[bias_index] & rows

@@ -17,7 +17,7 @@ from ._utils import (
 )
 from .masks import ParameterMask, check_mask
 from .sensitivity import VARIANTS, NeuronActivations, neuron_sensitivity
-from .transformer.groups import AttentionHeads, neuron_groups
+from .transformer.groups import AttentionHeads, FeedForwardUnits, neuron_groups
 
 # 1 as a 0-d CPU tensor: ``torch.sub(_ONE, s)`` is 1 − s on any device and dtype, one kernel.
 _ONE = torch.ones(())
@@ -34,11 +34,17 @@ class SeReNe:
 
     then the mask sets pruned parameters (weights and biases of these modules) back to zero.
 
-    Transformers (:mod:`neuronwise.transformer.groups`): an attention head h is one neuron whose
-    incoming weights are its q, k and v rows, with S_h the mean of its value rows' S_k (the mean of
-    |Σ_c ∂y/∂v| over samples, tokens and the head's d value dimensions); FFN units are fc1's rows.
-    The output projections (attention ``proj``, FFN ``fc2``) write the residual stream, which
-    LayerNorm couples: their rows are not neurons and are not decayed. Biases
+    Transformers (:mod:`neuronwise.transformer.groups`): an attention head h is one neuron group,
+    with S_h the mean of its value rows' S_k (the mean of |Σ_c ∂y/∂v| over samples, tokens and the
+    head's d value dimensions); an FFN unit j is fc1's row j. The output projections (attention
+    ``proj``, FFN ``fc2``) write the residual stream, which LayerNorm couples: their rows are not
+    neurons. Their columns belong to the group that feeds them, and the whole group decays
+    together by its S̄: the head's q, k, v rows and its d output-projection columns, the unit's
+    fc1 row and fc2 column. So every weight decays with exactly one neuron's S̄, as in an MLP, and
+    a head cannot keep its function by growing the projection columns while its value rows
+    shrink (the product v·proj is invariant to rescaling one factor). ``nn.MultiheadAttention``'s
+    packed in-projection has no module to hook: convert it first
+    (:func:`neuronwise.transformer.convert_attention`), else its heads are not decayed. Biases
     and BatchNorm are not regularized. λ is not multiplied by the learning rate (official code). The
     update uses the weights after the optimizer step and the sensitivity of the forward before it,
     as in the official pipeline (METHODS §1, §3).
@@ -91,9 +97,16 @@ class SeReNe:
         self.activations = NeuronActivations(model, modules)
         self.mask = check_mask(mask) or ParameterMask(model, modules,
                                                       zeros_at_start=zeros_at_start)
-        groups = neuron_groups(model)
-        self._heads = {g.in_module: g for g in groups if isinstance(g, AttentionHeads)}
-        self._residual = {g.out_module if isinstance(g, AttentionHeads) else g.fc2 for g in groups}
+        # Transformer groups: input-side module name -> group, output-side name -> input side's.
+        # (None: nn.MultiheadAttention's packed in-projection, no module to hook and decay.)
+        self._groups: dict[str, AttentionHeads | FeedForwardUnits] = {}
+        self._outputs: dict[str, str | None] = {}
+        for g in neuron_groups(model):
+            source, sink = (g.in_module, g.out_module) if isinstance(g, AttentionHeads) else (
+                g.fc1, g.fc2)
+            self._outputs[sink] = source
+            if source is not None:
+                self._groups[source] = g
         self._sums: dict[str, Tensor] = {}
         self._count = 0
 
@@ -119,7 +132,8 @@ class SeReNe:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Apply W[k] ← W[k] − λ·relu(1 − S_k)·W[k], then keep pruned parameters at zero."""
+        """Apply W[k] ← W[k] − λ·relu(1 − S_k)·W[k] (a transformer group's output-projection
+        columns with it), then keep pruned parameters at zero."""
         if self._count == 0:
             raise RuntimeError(
                 "SeReNe.step: no sensitivity (call reg.compute(logits) after the forward and "
@@ -127,16 +141,16 @@ class SeReNe:
             )
         weights, factors = [], []
         for name, module in self.activations.modules.items():
-            total = self._sums.get(name)
-            if total is None or name in self._residual:
-                continue
             w = module.weight
-            # S = the mean over the compute() calls (x / 1 == x: one call needs no division)
-            sensitivity = total if self._count == 1 else total / self._count
-            if name in self._heads:
-                heads = self._heads[name]
-                sensitivity = heads.to_rows(heads.value_mean(sensitivity))
-            insensitivity = torch.sub(_ONE, sensitivity).relu_().to(w)
+            if name in self._outputs:  # output side of a group: columns, the group's S̄
+                insensitivity = self._group_insensitivity(self._outputs[name], columns=True)
+                if insensitivity is not None:
+                    weights.append(w)
+                    factors.append(insensitivity.to(w).view(1, -1))  # broadcast per column
+                continue
+            if name not in self._sums:
+                continue
+            insensitivity = self._group_insensitivity(name, columns=False).to(w)
             weights.append(w)
             factors.append(insensitivity.view(-1, *([1] * (w.dim() - 1))))  # broadcast per row
         foreach = use_foreach(self.foreach, weights + self.mask.params)
@@ -152,6 +166,22 @@ class SeReNe:
         self.mask.apply(foreach=foreach)
         self._sums = {}
         self._count = 0
+
+    def _group_insensitivity(self, name: str | None, columns: bool) -> Tensor | None:
+        """relu(1 − S) of module ``name``'s neurons (its rows), or, with ``columns``, of the group
+        whose input side ``name`` is, one entry per output-side column; None without a
+        sensitivity."""
+        if name is None or name not in self._sums:
+            return None
+        total = self._sums[name]
+        # S = the mean over the compute() calls (x / 1 == x: one call needs no division)
+        sensitivity = total if self._count == 1 else total / self._count
+        group = self._groups.get(name)
+        if isinstance(group, AttentionHeads):
+            per_head = group.value_mean(sensitivity)
+            sensitivity = (per_head.repeat_interleave(group.head_dim) if columns
+                           else group.to_rows(per_head))
+        return torch.sub(_ONE, sensitivity).relu_()
 
     def remove(self) -> None:
         """Remove the forward hooks from the model."""
