@@ -13,14 +13,18 @@ Models:
 - controls: LeNet-300 dense (100 %) and with a random 50 % mask: deploy must not be slower;
   LeNet-300 with a random 2 % mask (almost no dead neurons): the CSR kernel's own worth.
 
-    python benchmarks/sparse_deploy.py --lenet300 runs/lobster-lenet300-mnist-deploy \
-        [--lenet5 RUN] [--repeats 100] [--threads 1] [--output docs/results/sparse_deploy.txt]
+    python benchmarks/sparse_deploy.py --lenet300 runs/lobster-lenet300-mnist-fast \
+        [--lenet5 RUN] [--repeats 100] [--runs 2] [--threads 1] [--output FILE]
+
+Each run deploys the model anew for each batch size and times everything interleaved; ``--runs``
+repeats that, so a ratio is seen more than once on this noisy machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -75,6 +79,16 @@ def random_mask(model: nn.Module, density: float, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def run_summary(run_dir: str) -> str:
+    """The run directory with the epoch and test error of its last record (that of ``last.pt``)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    if not lines:
+        return run_dir
+    last = json.loads(lines[-1])
+    return (f"{run_dir}, epoch {last['epoch']}, test error "
+            f"{100 - last['test_accuracy']:.2f} %")
+
+
 class OnnxRuntime(nn.Module):
     """An ONNX Runtime session behind ``nn.Module.__call__`` (so it is timed like the others)."""
 
@@ -95,7 +109,7 @@ class OnnxRuntime(nn.Module):
         return self.session.run(None, {self.input_name: x.numpy()})[0]
 
 
-def report(name: str, model: nn.Module, repeats: int, folder: Path) -> list[str]:
+def report(name: str, model: nn.Module, repeats: int, runs: int, folder: Path) -> list[str]:
     sparsity = nw.metrics.sparsity_report(model)
     macs = mac_counts(model, EXAMPLE)
     ort = OnnxRuntime(model, folder, torch.get_num_threads())
@@ -104,7 +118,6 @@ def report(name: str, model: nn.Module, repeats: int, folder: Path) -> list[str]
         # how much of a conv net's speed-up the memory format alone gives (no sparsity used)
         channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
         extra["dense channels-last"] = lambda batch: channels_last
-    rows, deployed = compare_latency(model, EXAMPLE, repeats=repeats, extra=extra)
     alive, total = nw.metrics.count_neurons(model)["total"]
     others = ["dense", "simplified", *extra]
     lines = [f"## {name}",
@@ -112,17 +125,22 @@ def report(name: str, model: nn.Module, repeats: int, folder: Path) -> list[str]
               f"({sparsity['remaining_percent']:.2f} %, paper convention), "
               f"neurons {alive}/{total}; MACs dense {macs['dense']:,}, simplified "
               f"{macs['simplified']:,} (x{macs['dense'] / macs['simplified']:.2f}), non-zero "
-              f"{macs['nonzero']:,} (x{macs['dense'] / max(1, macs['nonzero']):.2f})"), "",
-             "| batch | deployed ms (threads, layout) | "
-             + " | ".join(f"{o} ms (deployed speed-up)" for o in others) + " |",
-             "|---" * (2 + len(others)) + "|"]
-    for row in rows:
-        layout = "NHWC" if deployed[row["batch"]].channels_last else "NCHW"
-        cells = [f"{row[f'{o}_ms']:.4f} ({row[f'speedup_vs_{o}']:.2f}x)" for o in others]
-        lines.append(f"| {row['batch']} | {row['deployed_ms']:.4f} ({row['threads']}, {layout}) | "
-                     + " | ".join(cells) + " |")
+              f"{macs['nonzero']:,} (x{macs['dense'] / max(1, macs['nonzero']):.2f})")]
+    for run in range(1, runs + 1):
+        # each run deploys anew (the timed choices too) and times all models interleaved
+        rows, deployed = compare_latency(model, EXAMPLE, repeats=repeats, extra=extra)
+        lines += ["", f"run {run} of {runs}:", "",
+                  "| batch | deployed ms (threads, layout) | "
+                  + " | ".join(f"{o} ms (deployed speed-up)" for o in others) + " |",
+                  "|---" * (2 + len(others)) + "|"]
+        for row in rows:
+            layout = "NHWC" if deployed[row["batch"]].channels_last else "NCHW"
+            cells = [f"{row[f'{o}_ms']:.4f} ({row[f'speedup_vs_{o}']:.2f}x)" for o in others]
+            lines.append(f"| {row['batch']} | {row['deployed_ms']:.4f} ({row['threads']}, "
+                         f"{layout}) | " + " | ".join(cells) + " |")
     for batch, module in deployed.items():
-        lines += ["", f"per-layer choice at batch {batch}:", "```", module.table(), "```"]
+        lines += ["", f"per-layer choice at batch {batch} (run {runs}):", "```", module.table(),
+                  "```"]
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         difference = float((model(x) - deployed[32](x)).abs().max())
@@ -136,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lenet300", help="LOBSTER LeNet-300-100 run directory")
     parser.add_argument("--lenet5", help="LOBSTER LeNet-5 run directory (default: synthetic mask)")
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=2,
+                        help="independent measurements per model (deploy and timing each)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: keep)")
     parser.add_argument("--no-controls", action="store_true", help="skip the dense/50 % controls")
     parser.add_argument("--output", help="also write the report to this file")
@@ -144,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     models: list[tuple[str, nn.Module]] = []
     if args.lenet300:
-        models.append((f"LOBSTER LeNet-300-100 ({args.lenet300})", load_run_model(args.lenet300)[1]))
+        models.append((f"LOBSTER LeNet-300-100 ({run_summary(args.lenet300)})",
+                       load_run_model(args.lenet300)[1]))
     if args.lenet5:
-        models.append((f"LOBSTER LeNet-5 ({args.lenet5})", load_run_model(args.lenet5)[1]))
+        models.append((f"LOBSTER LeNet-5 ({run_summary(args.lenet5)})",
+                       load_run_model(args.lenet5)[1]))
     else:
         models.append(("LeNet-5, synthetic LOBSTER-like mask (not a trained model)",
                        lobster_like_lenet5()))
@@ -161,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                else argv)
     lines = [f"# Sparse deployment: {command}",
              (f"torch {torch.__version__}, torch threads {torch.get_num_threads()} (caller), "
-             f"median of {args.repeats} interleaved rounds per batch size; the deployed model "
-             f"picks its own thread count"), ""]
+             f"median of {args.repeats} interleaved rounds per batch size, {args.runs} runs per "
+             f"model; the deployed model picks its own thread count"), ""]
     with tempfile.TemporaryDirectory() as folder:
         for name, model in models:
             print(f"measuring: {name}", file=sys.stderr, flush=True)
-            lines += report(name, model, args.repeats, Path(folder))
+            lines += report(name, model, args.repeats, args.runs, Path(folder))
     text = "\n".join(lines) + "\n"
     if args.output:
         atomic_write_text(args.output, text)

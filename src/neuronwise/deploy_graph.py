@@ -8,7 +8,8 @@
 - :func:`lower`: a copy of the graph in which chosen layers call a sparse module, every dense
   ``linear`` of a matrix input is ``torch.addmm(b, x, Wᵀ)`` with ``Wᵀ`` stored transposed and
   contiguous (the same product, y = x Wᵀ + b; measured 1.0–1.4× faster than ``F.linear`` on this
-  CPU, most at batch 32, never slower), and optionally 4-D tensors are ``channels_last``.
+  CPU, most at batch 32, never slower), and optionally the input, convolution weights and every
+  convolution's output are ``channels_last``.
 - :func:`compile_graph`: the graph as one Python function whose tensors and sparse kernels are
   plain attributes of a namespace, not module attributes: no ``nn.Module`` dispatch per layer, which
   at batch 1 costs as much as the arithmetic of a small layer.
@@ -132,7 +133,8 @@ def _matrix_input(node: fx.Node) -> bool:
 def lower(dense: fx.GraphModule, kernels: dict[str, str], channels_last: bool) -> fx.GraphModule:
     """A copy of ``dense`` whose layers named in ``kernels`` with ``"csr"``/``"gather"`` call that
     module, whose other linear layers of matrix inputs are ``addmm`` with a transposed weight and,
-    with ``channels_last``, whose 4-D inputs and weights are in that memory format."""
+    with ``channels_last``, whose 4-D inputs, conv weights and conv outputs are in that memory
+    format."""
     graph = fx.Graph()
     values: dict[fx.Node, fx.Node] = {}
     root = nn.Module()
@@ -160,6 +162,11 @@ def lower(dense: fx.GraphModule, kernels: dict[str, str], channels_last: bool) -
             values[node].meta = dict(node.meta)
         else:
             values[node] = graph.node_copy(node, lambda n: values[n])
+        if channels_last and node.op == "call_function" and node.target is CONV2D:
+            # oneDNN returns NCHW for one input channel, and max pooling in NCHW measured up to
+            # 27x slower than in NHWC here: keep every activation channels-last
+            values[node] = graph.call_method("contiguous", (values[node],),
+                                             {"memory_format": torch.channels_last})
     for node in list(graph.nodes):  # only the tensors still used: no dense copy beside a sparse one
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
