@@ -7,9 +7,10 @@ model, the deployed model, and ONNX Runtime running the dense model (``export_on
 threads = torch's). Speed-ups are ratios of medians measured in the same rounds.
 
 Models:
-- ``--lenet300 RUN``: a trained LOBSTER LeNet-300-100 run directory (``neuronwise run ...``).
-- ``--lenet5 RUN``: a trained LOBSTER LeNet-5 run directory; without it, a LeNet-5 with a
-  synthetic LOBSTER-like mask at 0.87 % (see ``lobster_like_lenet5``), stated as such.
+- ``--lenet300 RUN`` / ``--lenet5 RUN``: a trained LOBSTER LeNet-300-100 / LeNet-5 run directory
+  (``neuronwise run ...``; its ``last.pt``). Without one (or with ``--synthetic``), that model with
+  a synthetic LOBSTER-like mask (``lobster_like``: LeNet-300 at 2.6 % with 156 of 410 neurons,
+  LeNet-5 at 0.88 % with 96 of 580), stated as such in the output.
 - controls: LeNet-300 dense (100 %) and with a random 50 % mask: deploy must not be slower;
   LeNet-300 with a random 2 % mask (almost no dead neurons): the CSR kernel's own worth.
 
@@ -39,23 +40,29 @@ from neuronwise.io import atomic_write_text
 from neuronwise.simplify import export_onnx
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
-# Alive outputs and density of the alive-to-alive connections per layer. Chosen to match the
-# final level of the LOBSTER LeNet-5/Fashion-MNIST run in docs/RESULTS.md (96 of 580 neurons
-# alive, 3,747 non-zero parameters = 0.87 %); the split over layers is our assumption.
-LENET5_MASK = {"conv1": (8, 0.60), "conv2": (28, 0.25), "fc1": (50, 0.08), "classifier": (10, 0.85)}
+# Synthetic LOBSTER-like masks: alive outputs and density of the alive-to-alive connections per
+# layer; the split over layers is our assumption. LeNet-5 matches the final level of the LOBSTER
+# LeNet-5/Fashion-MNIST run in docs/RESULTS.md (96 of 580 neurons, 3,747 non-zeros = 0.87 %);
+# LeNet-300 that of the quick LOBSTER LeNet-300/MNIST schedule (156 of 410 neurons, 7,027
+# non-zeros = 2.64 %, docs/results/runs/lobster-lenet300-mnist-fast).
+SYNTHETIC_MASKS = {
+    "lenet5": {"conv1": (8, 0.60), "conv2": (28, 0.25), "fc1": (50, 0.08),
+               "classifier": (10, 0.85)},
+    "lenet300": {"fc1": (100, 0.075), "fc2": (46, 0.15), "classifier": (10, 0.60)},
+}
 
 
-def lobster_like_lenet5(seed: int = 0) -> nn.Module:
-    """A LeNet-5 whose weights are those of a fresh model under a LOBSTER-like mask: dead neurons
-    have no incoming or outgoing weights (and a zero bias), alive ones keep a random fraction of
-    their connections from alive inputs."""
+def lobster_like(name: str, seed: int = 0) -> nn.Module:
+    """Registry model ``name`` whose weights are those of a fresh model under a LOBSTER-like mask
+    (``SYNTHETIC_MASKS``): dead neurons have no incoming or outgoing weights (and a zero bias),
+    alive ones keep a random fraction of their connections from alive inputs."""
     torch.manual_seed(seed)
-    model = nw.models.create("lenet5").eval()
+    model = nw.models.create(name).eval()
     generator = torch.Generator().manual_seed(seed)
     alive_inputs = torch.ones(1, dtype=torch.bool)
     with torch.no_grad():
-        for name, (alive, density) in LENET5_MASK.items():
-            layer = getattr(model, name)
+        for layer_name, (alive, density) in SYNTHETIC_MASKS[name].items():
+            layer = getattr(model, layer_name)
             rows = layer.weight.shape[0]
             keep = torch.zeros(rows, dtype=torch.bool)
             keep[torch.randperm(rows, generator=generator)[:alive]] = True
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lenet300", help="LOBSTER LeNet-300-100 run directory")
     parser.add_argument("--lenet5", help="LOBSTER LeNet-5 run directory (default: synthetic mask)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="also the synthetic mask of a model given as a run directory")
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--runs", type=int, default=2,
                         help="independent measurements per model (deploy and timing each)")
@@ -163,15 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     models: list[tuple[str, nn.Module]] = []
-    if args.lenet300:
-        models.append((f"LOBSTER LeNet-300-100 ({run_summary(args.lenet300)})",
-                       load_run_model(args.lenet300)[1]))
-    if args.lenet5:
-        models.append((f"LOBSTER LeNet-5 ({run_summary(args.lenet5)})",
-                       load_run_model(args.lenet5)[1]))
-    else:
-        models.append(("LeNet-5, synthetic LOBSTER-like mask (not a trained model)",
-                       lobster_like_lenet5()))
+    for name, run_dir in (("lenet300", args.lenet300), ("lenet5", args.lenet5)):
+        title = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}[name]
+        if run_dir:
+            models.append((f"LOBSTER {title} ({run_summary(run_dir)})", load_run_model(run_dir)[1]))
+        if not run_dir or args.synthetic:
+            models.append((f"{title}, synthetic LOBSTER-like mask (not a trained model)",
+                           lobster_like(name)))
     if not args.no_controls:
         models.append(("control: LeNet-300-100 dense", random_mask(nw.models.create("lenet300"), 1.0)))
         models.append(("control: LeNet-300-100, random 50 % mask",
