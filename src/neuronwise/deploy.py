@@ -78,7 +78,9 @@ class LayerChoice:
 class DeployedModel(nn.Module):
     """Inference module returned by :func:`deploy`: a graph of dense/CSR layers run at ``threads``
     intra-op threads (set for its own forward only), with 4-D inputs and convolution weights in
-    ``channels_last`` memory format if that timed faster."""
+    ``channels_last`` memory format if that timed faster. ``graph_module`` holds the graph and its
+    tensors; ``forward`` runs it compiled into one function over the same tensors
+    (:func:`~neuronwise.deploy_graph.compile_graph`)."""
 
     def __init__(self, graph: fx.GraphModule, threads: int, layers: Sequence[LayerChoice],
                  program: bytes, channels_last: bool = False) -> None:
