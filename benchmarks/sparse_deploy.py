@@ -8,9 +8,10 @@ threads = torch's). Speed-ups are ratios of medians measured in the same rounds.
 
 Models:
 - ``--lenet300 RUN`` / ``--lenet5 RUN``: a trained LOBSTER LeNet-300-100 / LeNet-5 run directory
-  (``neuronwise run ...``; its ``last.pt``). Without one (or with ``--synthetic``), that model with
-  a synthetic LOBSTER-like mask (``lobster_like``: LeNet-300 at 2.6 % with 156 of 410 neurons,
-  LeNet-5 at 0.88 % with 96 of 580), stated as such in the output.
+  (``neuronwise run ...``; its ``last.pt``).
+- without run directories (or with ``--synthetic``): both models with a synthetic LOBSTER-like
+  mask (``lobster_like``: LeNet-300 at 2.6 % with 156 of 410 neurons, LeNet-5 at 0.88 % with 96
+  of 580), stated as such in the output.
 - controls: LeNet-300 dense (100 %) and with a random 50 % mask: deploy must not be slower;
   LeNet-300 with a random 2 % mask (almost no dead neurons): the CSR kernel's own worth.
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lenet300", help="LOBSTER LeNet-300-100 run directory")
     parser.add_argument("--lenet5", help="LOBSTER LeNet-5 run directory (default: synthetic mask)")
     parser.add_argument("--synthetic", action="store_true",
-                        help="also the synthetic mask of a model given as a run directory")
+                        help="the synthetic masks also when run directories are given")
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--runs", type=int, default=2,
                         help="independent measurements per model (deploy and timing each)")
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         title = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}[name]
         if run_dir:
             models.append((f"LOBSTER {title} ({run_summary(run_dir)})", load_run_model(run_dir)[1]))
-        if not run_dir or args.synthetic:
+        if args.synthetic or not (args.lenet300 or args.lenet5):
             models.append((f"{title}, synthetic LOBSTER-like mask (not a trained model)",
                            lobster_like(name)))
     if not args.no_controls:
