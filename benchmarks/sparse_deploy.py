@@ -38,6 +38,7 @@ from torch import nn
 
 import neuronwise as nw
 from neuronwise.experiment.deployment import compare_latency, mac_counts
+from neuronwise.experiment.rundir import load_checkpoint
 from neuronwise.experiment.tools import load_run_model
 from neuronwise.io import atomic_write_text
 from neuronwise.simplify import export_onnx
@@ -90,13 +91,14 @@ def random_mask(model: nn.Module, density: float, seed: int = 0) -> nn.Module:
 
 
 def run_summary(run_dir: str) -> str:
-    """The run directory with the epoch and test error of its last record (that of ``last.pt``)."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    if not lines:
-        return run_dir
-    last = json.loads(lines[-1])
-    return (f"{run_dir}, epoch {last['epoch']}, test error "
-            f"{100 - last['test_accuracy']:.2f} %")
+    """The run directory with the epoch of its ``last.pt`` and that epoch's test error."""
+    epoch = load_checkpoint(Path(run_dir) / "last.pt")["epoch"]
+    records = [json.loads(line) for line in
+               (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    record = next((r for r in records if r["epoch"] == epoch), None)
+    if record is None:
+        return f"{run_dir}, epoch {epoch}"
+    return f"{run_dir}, epoch {epoch}, test error {100 - record['test_accuracy']:.2f} %"
 
 
 class OnnxRuntime(nn.Module):
