@@ -59,6 +59,8 @@ __all__ = ["DeployedModel", "LayerChoice", "deploy", "load_deployed", "save_depl
 
 _FORMAT = "neuronwise.deploy/1"
 _MARGIN = 0.05  # relative speed-up an option needs over those listed before it
+
+
 @dataclass(frozen=True)
 class LayerChoice:
     """One row of the deployment table. Times are medians in milliseconds at the chosen threads:
