@@ -101,6 +101,13 @@ def test_channels_last_layout_keeps_the_function():
                           repeats=1, kernel=kernel, channels_last=True)
         conv_weights = [b for n, b in deployed.named_buffers() if b.dim() == 4]
         assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+        convs = [n for n in deployed.graph_module.graph.nodes
+                 if n.target is torch.conv2d or str(n.target).startswith("csr_conv")]
+        assert len(convs) == 2
+        for conv in convs:  # conv1 has one input channel: oneDNN would return NCHW
+            (user,) = conv.users
+            assert user.target == "contiguous"
+            assert user.kwargs == {"memory_format": torch.channels_last}
         assert_same_function(model, deployed, torch.randn(3, 1, 28, 28, generator=g))
 
 

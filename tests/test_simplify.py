@@ -367,6 +367,23 @@ def test_registry_models_acceptance(name, shape):
     assert (y - y_small).abs().max() <= 1e-5 * y.abs().max()
 
 
+def test_channels_before_an_nn_flatten_module_are_removed():
+    # LeNet-5 flattens with an nn.Flatten module: conv2's dead channels and fc1's columns that read
+    # them (4·4 = 16 each) must go, as with torch.flatten
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(generator=g)
+        model[0].bias[[1, 4]] = 0.0
+    kill_rows(model[0], [1, 4])
+    model.eval()
+    small = simplify(model, torch.zeros(1, 1, 6, 6))
+    assert small.get_submodule("0").out_channels == 4
+    assert small.get_submodule("3").in_features == 4 * 16
+    assert_same_function(model, small, torch.randn(8, 1, 6, 6, generator=g))
+
+
 # ---------------------------------------------------------------- export and optimizer state
 
 

@@ -4,8 +4,10 @@
 
 1. **Structure.** :func:`neuronwise.simplify` removes dead neurons (same function, smaller dense
    layers); the result is captured with ``torch.export`` (dynamic batch size) and replayed as a
-   plain ``torch.fx`` graph of ATen calls (no export guards, no pytree codegen; common ops call
-   their public bindings, which Python dispatches faster).
+   plain ``torch.fx`` graph of ATen calls (:mod:`neuronwise.deploy_graph`), compiled into one
+   Python function without per-layer module dispatch. The dense kernel of a ``linear`` on a
+   matrix input is ``torch.addmm(b, x, Wᵀ)`` with ``Wᵀ`` stored transposed (faster than
+   ``F.linear`` here, the same product).
 2. **Kernels.** For every ``linear`` and every ``conv2d`` with ``groups == 1`` the dense call and a
    sparse lowering (:class:`~neuronwise.sparse_layers.CSRLinear`, or im2col +
    :class:`~neuronwise.sparse_layers.CSRConv2d`), and for a ``linear`` with unused input features
@@ -17,8 +19,8 @@
    graph, and for networks with convolutions each also in ``channels_last`` memory format (input
    and conv weights; often much faster for oneDNN convolutions on CPU), are timed interleaved. The
    first option in that order within 5 % of the fastest wins, so a change must pay clearly. The
-   first option, all dense and contiguous at the caller's thread count, is simplify alone: the
-   result is never slower than it (up to timing noise).
+   first option, all dense and contiguous at the caller's thread count, is simplify's function
+   with the dense kernels only: the result is never slower than it (up to timing noise).
 
 The chosen thread count lives in the returned :class:`DeployedModel`: its ``forward`` sets it and
 restores the caller's ``torch.get_num_threads()`` afterwards. Timings are medians of interleaved
@@ -29,6 +31,7 @@ and load it was made on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import statistics
@@ -37,26 +40,25 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .deploy_graph import (
+    CONV2D,
+    LINEAR,
+    compile_graph,
+    layer_inputs,
+    lower,
+    plain_graph,
+    site_name,
+    sparse_module,
+)
 from .io import atomic_torch_save
 from .simplify import simplify
-from .sparse_layers import CSRConv2d, CSRLinear, GatherLinear
 
 __all__ = ["DeployedModel", "LayerChoice", "deploy", "load_deployed", "save_deployed"]
 
 _FORMAT = "neuronwise.deploy/1"
 _MARGIN = 0.05  # relative speed-up an option needs over those listed before it
-_LINEAR = F.linear
-_CONV2D = torch.conv2d
-# ATen overloads of the exported graph and the public bindings with the same signature, which
-# Python calls several microseconds faster (it matters at batch 1).
-_BINDINGS = {
-    torch.ops.aten.linear.default: _LINEAR, torch.ops.aten.conv2d.default: _CONV2D,
-    torch.ops.aten.relu.default: torch.relu, torch.ops.aten.flatten.using_ints: torch.flatten,
-    torch.ops.aten.max_pool2d.default: torch.max_pool2d,
-}
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class LayerChoice:
 class DeployedModel(nn.Module):
     """Inference module returned by :func:`deploy`: a graph of dense/CSR layers run at ``threads``
     intra-op threads (set for its own forward only), with 4-D inputs and convolution weights in
-    ``channels_last`` memory format if that timed faster."""
+    ``channels_last`` memory format if that timed faster. ``graph_module`` holds the graph and its
+    tensors; ``forward`` runs it compiled into one function over the same tensors
+    (:func:`~neuronwise.deploy_graph.compile_graph`)."""
 
     def __init__(self, graph: fx.GraphModule, threads: int, layers: Sequence[LayerChoice],
                  program: bytes, channels_last: bool = False) -> None:
@@ -88,16 +92,32 @@ class DeployedModel(nn.Module):
         self.layers = list(layers)
         self.channels_last = channels_last
         self._program = program  # the simplified dense model (torch.export), for save_deployed
+        self._run = compile_graph(graph)
 
     def forward(self, *args: Tensor) -> Tensor:
         previous = torch.get_num_threads()
         if previous == self.threads:
-            return self.graph_module(*args)
+            return self._run(*args)
         torch.set_num_threads(self.threads)
         try:
-            return self.graph_module(*args)
+            return self._run(*args)
         finally:
             torch.set_num_threads(previous)
+
+    def _apply(self, fn, recurse=True):
+        # ``.to()``, ``.double()``, ... replace the tensors: the compiled function must see them
+        result = super()._apply(fn, recurse)
+        self._run = compile_graph(self.graph_module)
+        return result
+
+    def __getstate__(self) -> dict:  # copies and pickles rebuild the function over their tensors
+        state = self.__dict__.copy()
+        del state["_run"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._run = compile_graph(self.graph_module)
 
     def table(self) -> str:
         """The per-layer choices as aligned text: density, kernel, dense vs sparse time."""
@@ -151,12 +171,12 @@ def deploy(model: nn.Module, example_input: Tensor, batch_size: int = 32,
         dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    dense = _plain_graph(program)
+    dense = plain_graph(program)
     batch = example.expand(batch_size, *example.shape[1:]).contiguous().normal_(
         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        sites = _layer_inputs(dense, batch)
-        has_conv = batch.dim() == 4 and any(node.target is _CONV2D for node, _ in sites)
+        sites = layer_inputs(dense, batch)
+        has_conv = batch.dim() == 4 and any(node.target is CONV2D for node, _ in sites)
         layouts = (False, True) if channels_last is None and has_conv else (bool(channels_last),)
         options = []
         for count in candidates:
@@ -168,7 +188,7 @@ def deploy(model: nn.Module, example_input: Tensor, batch_size: int = 32,
             for variant in variants:
                 kernels = {row.name: row.kernel for row in variant}
                 for layout in layouts:
-                    options.append(DeployedModel(_lower(dense, kernels, layout), count, variant,
+                    options.append(DeployedModel(lower(dense, kernels, layout), count, variant,
                                                  buffer.getvalue(), layout))
         times = (_interleaved([lambda m=m: m(batch) for m in options], repeats)
                  if len(options) > 1 else [0.0])
@@ -196,94 +216,26 @@ def load_deployed(path: str | os.PathLike) -> DeployedModel:
         raise ValueError(f"{path}: not a deployed model (expected format {_FORMAT!r})")
     program = bytes(state["program"].numpy().tobytes())
     layers = [LayerChoice(**{**row, "shape": tuple(row["shape"])}) for row in state["layers"]]
-    dense = _plain_graph(torch.export.load(io.BytesIO(program)))
+    dense = plain_graph(torch.export.load(io.BytesIO(program)))
     kernels = {row.name: row.kernel for row in layers}
-    graph = _lower(dense, kernels, state["channels_last"])
+    graph = lower(dense, kernels, state["channels_last"])
     return DeployedModel(graph, state["threads"], layers, program, state["channels_last"])
-
-
-def _plain_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
-    """The exported graph as a plain fx module: no input guards, no pytree codegen, no grads."""
-    exported = program.module()
-    graph = fx.Graph()
-    values: dict[fx.Node, fx.Node] = {}
-    output = None
-    for node in exported.graph.nodes:
-        if node.op == "call_module":  # export's input guard (``_guards_fn``)
-            continue
-        if node.op == "output":
-            output = node.args[0]
-            continue
-        values[node] = graph.node_copy(node, lambda n: values[n])
-        if node.op == "call_function" and node.target in _BINDINGS:
-            values[node].target = _BINDINGS[node.target]
-        source = node.args[0] if node.args else None
-        if (values[node].target is torch.relu and isinstance(source, fx.Node)
-                and _BINDINGS.get(source.target) in (_LINEAR, _CONV2D)
-                and len(source.users) == 1):
-            values[node].target = torch.relu_  # a layer's fresh output, used once: no new tensor
-    result = fx.map_arg(output, lambda n: values[n])
-    graph.output(result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result)
-    plain = fx.GraphModule(exported, graph)
-    plain.delete_all_unused_submodules()
-    for parameter in plain.parameters():
-        parameter.requires_grad_(False)
-    return plain.eval()
-
-
-def _is_site(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in (_LINEAR, _CONV2D):
-        return False
-    weight = node.args[1]
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
-        return False
-    bias = node.args[2] if len(node.args) > 2 else None
-    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    return (bias is None or bias.op == "get_attr") and not node.kwargs.get("bias") and groups == 1
-
-
-def _site_name(node: fx.Node) -> str:
-    return node.args[1].target.removesuffix(".weight")
-
-
-class _Recorder(fx.Interpreter):
-    """Runs the graph once and keeps the concrete arguments of every linear/conv2d call."""
-
-    def __init__(self, graph: fx.GraphModule) -> None:
-        super().__init__(graph)
-        self.sites: list[tuple[fx.Node, tuple]] = []
-
-    def run_node(self, node: fx.Node):
-        if _is_site(node):
-            args, _ = self.fetch_args_kwargs_from_env(node)
-            self.sites.append((node, args))
-        return super().run_node(node)
-
-
-def _layer_inputs(graph: fx.GraphModule, batch: Tensor) -> list[tuple[fx.Node, tuple]]:
-    recorder = _Recorder(graph)
-    recorder.run(batch)
-    return recorder.sites
-
-
-def _sparse_module(node: fx.Node, args: tuple, kernel: str) -> nn.Module:
-    weight, bias = args[1], args[2] if len(args) > 2 else None
-    if kernel == "gather":
-        return GatherLinear(weight, bias)
-    if node.target is _LINEAR:
-        return CSRLinear(weight, bias)
-    return CSRConv2d(weight, bias, *args[3:6])
 
 
 def _choose(node: fx.Node, args: tuple, repeats: int, kernel: str) -> LayerChoice:
     weight, x = args[1], args[0]
-    name = _site_name(node)
-    op = "linear" if node.target is _LINEAR else "conv2d"
+    name = site_name(node)
+    op = "linear" if node.target is LINEAR else "conv2d"
     density = float(torch.count_nonzero(weight)) / max(1, weight.numel())
 
-    def dense_call() -> Tensor:
-        return node.target(*args)
-
+    bias = args[2] if len(args) > 2 else None
+    if op == "linear" and x.dim() == 2 and weight.layout == torch.strided:
+        # the dense kernel of ``lower``: addmm with Wᵀ stored transposed
+        transposed = weight.t().contiguous()
+        dense_call = (functools.partial(torch.mm, x, transposed) if bias is None
+                      else functools.partial(torch.addmm, bias, x, transposed))
+    else:
+        dense_call = functools.partial(node.target, *args)
     if weight.layout != torch.strided or weight.dtype not in (torch.float32, torch.float64):
         dense_ms = 1e3 * _interleaved([dense_call], repeats)[0]
         return LayerChoice(name, op, tuple(weight.shape), density, "dense", dense_ms, None)
@@ -293,12 +245,13 @@ def _choose(node: fx.Node, args: tuple, repeats: int, kernel: str) -> LayerChoic
     reference = dense_call()
     modules = {}
     for candidate in names:
-        module = _sparse_module(node, args, candidate)
+        module = sparse_module(op, args, candidate)
         output = module(x)
         if reference.shape == output.shape and (reference.numel() == 0 or float(
                 (reference - output).abs().max()) <= 1e-5 * max(1.0, float(reference.abs().max()))):
             modules[candidate] = module
-    seconds = _interleaved([dense_call, *(lambda m=m: m(x) for m in modules.values())], repeats)
+    seconds = _interleaved([dense_call, *(functools.partial(m.forward, x) for m in modules.values())],
+                           repeats)
     times = dict(zip(["dense", *modules], seconds))
     if kernel == "auto":
         chosen = min(times, key=times.get)
@@ -311,57 +264,6 @@ def _choose(node: fx.Node, args: tuple, repeats: int, kernel: str) -> LayerChoic
 
 def _as_dense(row: LayerChoice) -> LayerChoice:
     return dataclasses.replace(row, kernel="dense")
-
-
-def _lower(dense: fx.GraphModule, kernels: dict[str, str], channels_last: bool) -> fx.GraphModule:
-    """``dense`` itself, or a copy whose layers named in ``kernels`` with ``"csr"``/``"gather"``
-    call that module and, with ``channels_last``, whose 4-D inputs and weights are in that memory
-    format."""
-    if not channels_last and set(kernels.values()) <= {"dense"}:
-        return dense
-    graph = fx.Graph()
-    values: dict[fx.Node, fx.Node] = {}
-    root = nn.Module()
-    for name, attribute in [*dense.named_parameters(), *dense.named_buffers()]:
-        if channels_last and attribute.dim() == 4:
-            attribute = attribute.detach().contiguous(memory_format=torch.channels_last)
-        _set(root, name, attribute)
-    for node in dense.graph.nodes:
-        if node.op == "placeholder" and channels_last:
-            placeholder = graph.node_copy(node)
-            values[node] = graph.call_method("contiguous", (placeholder,),
-                                             {"memory_format": torch.channels_last})
-        elif _is_site(node) and kernels.get(_site_name(node), "dense") != "dense":
-            target = f"{kernels[_site_name(node)]}_" + _site_name(node).replace(".", "_")
-            args = tuple(_get(dense, a.target) if isinstance(a, fx.Node) and a.op == "get_attr"
-                         else a for a in node.args)
-            root.add_module(target, _sparse_module(node, args, kernels[_site_name(node)]))
-            values[node] = graph.call_module(target, (values[node.args[0]],))
-        else:
-            values[node] = graph.node_copy(node, lambda n: values[n])
-    lowered = fx.GraphModule(root, graph)
-    lowered.graph.eliminate_dead_code()
-    lowered.delete_all_unused_submodules()
-    lowered.recompile()
-    return lowered.eval()
-
-
-def _get(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _set(root: nn.Module, target: str, value: Tensor) -> None:
-    *path, leaf = target.split(".")
-    for part in path:
-        if not hasattr(root, part):
-            root.add_module(part, nn.Module())
-        root = getattr(root, part)
-    if isinstance(value, nn.Parameter):
-        root.register_parameter(leaf, value)
-    else:
-        root.register_buffer(leaf, value)
 
 
 class _threads:

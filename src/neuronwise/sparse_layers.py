@@ -5,8 +5,9 @@ each output taken only over the stored non-zeros (a different summation order, s
 agree to rounding, not bitwise):
 
 - :class:`CSRLinear`: y = x Wᵀ + b computed as (W xᵀ + b 1ᵀ)ᵀ with W in CSR (rows = outputs), one
-  ``torch.addmm`` with a sparse first operand. The result is the transpose of a contiguous
-  (out, batch) matrix, so a following ``CSRLinear`` receives a contiguous xᵀ for free.
+  ``torch.addmm`` with a sparse first operand and xᵀ copied row-major. The result is the transpose
+  of a contiguous (out, batch) matrix, so a following ``CSRLinear`` receives a contiguous xᵀ for
+  free.
 - :class:`GatherLinear`: the dense product over the used inputs only, y = x[:, J] W[:, J]ᵀ + b with
   J = the columns of W holding a non-zero (dead input features, e.g. never-used border pixels).
 - :class:`CSRConv2d`: im2col lowering. With cols = unfold(x) of shape (N, C·kh·kw, L) (L output
@@ -58,7 +59,10 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # leading dimensions are all batch, as in F.linear
-        out = torch.addmm(self.bias, self.weight, rows.t()).t()
+        # MKL's CSR product is several times faster on a row-major xᵀ than on the transposed view
+        # (measured 2.4-2.9x at batch 32-256), more than the copy costs; after a CSRLinear, xᵀ is
+        # already contiguous and the copy is free
+        out = torch.addmm(self.bias, self.weight, rows.t().contiguous()).t()
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

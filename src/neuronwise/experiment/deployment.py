@@ -30,9 +30,10 @@ def mac_counts(model: nn.Module, example: Tensor) -> dict[str, int]:
 
 def compare_latency(model: nn.Module, example: Tensor, batches: Sequence[int] = BATCHES,
                     repeats: int = 50, extra: dict[str, Callable[[int], nn.Module]] | None = None,
-                    ) -> tuple[list[dict], dict[int, DeployedModel]]:
+                    clock: str = "wall") -> tuple[list[dict], dict[int, DeployedModel]]:
     """Per batch size: ``deploy`` for that size, then the dense model, simplify alone, the deployed
-    model (and ``extra[name](batch)`` modules) timed interleaved; medians in ms.
+    model (and ``extra[name](batch)`` modules) timed interleaved; medians in ms of ``clock``
+    (``measure_latency``).
 
     Returns the rows and the deployed model of each batch size.
     """
@@ -46,7 +47,7 @@ def compare_latency(model: nn.Module, example: Tensor, batches: Sequence[int] = 
             generator=torch.Generator().manual_seed(batch))
         names = ["dense", "simplified", "deployed", *others]
         seconds = measure_latency([model, small, deployed, *others.values()], inputs,
-                                  repeats=repeats)
+                                  repeats=repeats, clock=clock)
         row = {"batch": batch, "threads": deployed.threads,
                "kernels": {r.name: r.kernel for r in deployed.layers}}
         row.update({f"{name}_ms": 1e3 * s for name, s in zip(names, seconds)})

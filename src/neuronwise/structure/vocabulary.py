@@ -212,6 +212,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module], calls: Counter) -> st
         shared = calls[node.target] != 1
         if isinstance(m, _CHANNELWISE_MODULES) and len(targs) == 1:
             return "channelwise"  # stateless: every call is its own node
+        if is_flatten(node, modules):  # nn.Flatten (stateless too)
+            return "flatten"
         if shared:
             return "opaque"
         if type(m) is nn.Linear and len(out) == 2:
