@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or process CPU time (leaves out time descheduled)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: keep)")
-    parser.add_argument("--no-controls", action="store_true", help="skip the dense/50 % controls")
+    parser.add_argument("--no-controls", action="store_true", help="skip the dense/50 %% controls")
     parser.add_argument("--output", help="also write the report to this file")
     args = parser.parse_args(argv)
     if args.threads:
