@@ -134,6 +134,8 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("benchmarks/vit_simplify_latency.py", "vit_simplify_latency_75_90.txt", "--dead-heads",
       "0.75", "--dead-units", "0.9", "--clock", "cpu", "--repeats", "30")),
     ("bench-crash-resume", "bench", ("benchmarks/crash_resume.py", "crash_resume.txt", "-n", "10")),
+    ("bench-crash-resume-early", "bench", ("benchmarks/crash_resume.py", "crash_resume_early.txt",
+                                           "-n", "5", "--kills", "4", "--early")),
     ("bench-ddp-scaling", "bench", ("benchmarks/ddp_scaling.py", "ddp_scaling.txt", "--models",
                                     "lenet5", "resnet20", "--steps", "20")),
 )
