@@ -156,6 +156,18 @@ def test_unfinished_runs_are_left_out_of_the_records(tmp_path, comparison, capsy
     assert read_csv(results / "comparisons.csv") == []
 
 
+def test_only_trains_the_named_methods(tmp_path, comparison, capsys):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    argv = ["compare", str(comparison), "--runs", str(runs), "--results", str(results),
+            "--set", "seeds=[0]", "--set", "epochs=2"]
+    assert main(argv + ["--only", "oneshot"]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["tiny-oneshot-s0"]
+    capsys.readouterr()
+    assert main(argv + ["--only", "lobstr"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--only lobstr: not a method" in err
+
+
 def test_a_bad_comparison_is_one_line_and_exit_2(tmp_path, comparison, capsys):
     bad = _write(tmp_path / "bad.yaml", comparison.read_text().replace("candidates", "candidate"))
     assert main(["compare", str(bad), "--records-only"]) == 2

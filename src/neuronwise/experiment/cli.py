@@ -159,7 +159,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         extra = [f"train.threads={args.threads}"] if args.threads else []
         if args.data_root:
             extra.append(f"data.root={args.data_root}")
-        run_all(comparison, runs, extra)
+        run_all(comparison, runs, extra, only=args.only)
     section, notes = write_records(comparison, runs, results)
     refresh_quotes(results.parent / "RESULTS.md")  # docs/RESULTS.md quotes the generated tables
     for method, waiting in notes.items():
@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--threads", type=int, help="train.threads of every run")
     compare.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override a comparison value, e.g. --set epochs=3 (repeatable)")
+    compare.add_argument("--only", action="append", metavar="METHOD",
+                         help="train only this method's runs (repeatable), e.g. to share a "
+                              "comparison among processes; the records cover every method")
     compare.add_argument("--records-only", action="store_true",
                          help="train nothing: rewrite the records from the runs as they are")
     compare.add_argument("--data-root", help="data folder (default: $NEURONWISE_DATA, else the cache)")

@@ -188,12 +188,19 @@ def first_epoch_at(history: list[dict], remaining: float, error: float) -> dict 
 
 
 def run_all(comparison: Comparison, runs: Path, extra: list[str] | None = None,
-            log=print) -> None:
-    """Train every (seed, method) run in turn, resuming any that exists; one process, one run."""
+            log=print, only: list[str] | None = None) -> None:
+    """Train every (seed, method) run in turn, resuming any that exists; one process, one run.
+    ``only`` restricts training to those methods (e.g. to share the runs among processes)."""
     from .trainer import Trainer
 
+    unknown = sorted(set(only or []) - set(comparison.methods))
+    if unknown:
+        raise ConfigError(f"--only {unknown[0]}: not a method of comparison '{comparison.name}' "
+                          f"(methods: {', '.join(comparison.methods)})")
     for seed in comparison.seeds:
         for method in comparison.methods:
+            if only and method not in only:
+                continue
             name = run_name(comparison, method, seed)
             directory = runs / name
             resume = (directory / "config.yaml").exists()
