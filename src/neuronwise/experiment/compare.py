@@ -26,6 +26,11 @@ the run's result at T; a run with fewer candidates has none (T not reached withi
 
 Optional ``time_to_target: [R, E]``: per run, the first such epoch with r(e) ≤ R and test error
 ≤ E (:func:`first_epoch_at`), reported as epochs to the target.
+
+Optional ``latency: {batch: B, repeats: R}`` (structured methods): the selection table gains the
+alive neurons of the selected epochs, and each finished run's final model is simplified and its CPU
+latency measured against the dense architecture (:mod:`.compare_latency`), reported with the final
+test error and plotted as error vs latency.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Comparison:
     targets: list
     methods: dict  # method name -> MethodSpec
     time_to_target: list | None = None  # [remaining %, test error %]: first epoch meeting both
+    latency: dict | None = None  # {batch, repeats}: time each run's simplified final model
 
 
 @dataclass
@@ -120,8 +126,11 @@ def comparison_from_dict(data: dict, source: str = "comparison") -> Comparison:
     if goal is not None and len(_numbers(goal, "time_to_target", source)) != 2:
         raise ConfigError(f"{source}: time_to_target: expected [remaining %, test error %], "
                           f"got {goal!r}")
+    from .compare_latency import check_latency
+
     comparison = Comparison(name, epochs, list(seeds), candidates, targets, methods,
-                            None if goal is None else [float(v) for v in goal])
+                            None if goal is None else [float(v) for v in goal],
+                            check_latency(data.get("latency"), source))
     for method in methods:
         run_config(comparison, method, seeds[0])
     return comparison
