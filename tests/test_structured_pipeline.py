@@ -66,6 +66,16 @@ def test_an_l1_structured_round_zeroes_exactly_the_lowest_l1_rows_of_each_layer(
     assert (len(_dead_rows(model[1])), len(_dead_rows(model[3]))) == (5, 4)  # round(5.25), round(3.5)
 
 
+def test_oneshot_neurons_prunes_half_of_every_hidden_layer_before_training():
+    model = _mlp()
+    norms = {i: model[i].weight.detach().abs().sum(dim=1) for i in (1, 3)}
+    callback = _callback(model, schedule="oneshot", sparsity=0.5, start_epoch=0)
+    callback.on_fit_start()
+    assert _dead_rows(model[1]) == set(torch.argsort(norms[1])[:6].tolist())
+    assert _dead_rows(model[3]) == set(torch.argsort(norms[3])[:4].tolist())
+    assert callback.mask.granularity == "neurons" and callback.state_dict()["done"]
+
+
 def _physical_copy(model: nn.Sequential) -> nn.Sequential:
     """The masked MLP with its dead neurons cut out (rows and the consumers' columns)."""
     small = copy.deepcopy(model)

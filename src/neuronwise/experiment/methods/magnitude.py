@@ -36,7 +36,8 @@ class MagnitudePruningCallback(MethodCallback):
     ``tp-group-l1`` = :func:`~neuronwise.structured_tp.tp_group_l1_prune` (per layer); the mask
     is then a neuron mask."""
 
-    metrics = (Metric("target_sparsity", "target fraction of zeros of this epoch's pruning"),)
+    metrics = (Metric("target_sparsity", "target fraction of zeros (granularity neurons: of dead "
+                      "neurons) of this epoch's pruning"),)
 
     def __init__(self, kind: Literal["oneshot", "iterative", "gradual"], sparsity: float = 0.9,
                  fraction: float = 0.2, start_epoch: int = 0, end_epoch: int = 10, every: int = 1,
