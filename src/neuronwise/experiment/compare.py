@@ -44,6 +44,7 @@ from . import config as config_module
 from .config import Config, ConfigError
 
 REMAINING = "remaining_percent_paper"
+LATENCY_KEYS = ("batch", "repeats")
 
 
 @dataclass
@@ -126,14 +127,24 @@ def comparison_from_dict(data: dict, source: str = "comparison") -> Comparison:
     if goal is not None and len(_numbers(goal, "time_to_target", source)) != 2:
         raise ConfigError(f"{source}: time_to_target: expected [remaining %, test error %], "
                           f"got {goal!r}")
-    from .compare_latency import check_latency
-
     comparison = Comparison(name, epochs, list(seeds), candidates, targets, methods,
                             None if goal is None else [float(v) for v in goal],
                             check_latency(data.get("latency"), source))
     for method in methods:
         run_config(comparison, method, seeds[0])
     return comparison
+
+
+def check_latency(value: object, source: str) -> dict | None:
+    """The validated ``latency:`` setting of a comparison (``None``: not measured)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != set(LATENCY_KEYS) or not all(
+            isinstance(value[k], int) and not isinstance(value[k], bool) and value[k] >= 1
+            for k in LATENCY_KEYS):
+        raise ConfigError(f"{source}: latency: expected {{batch: N, repeats: N}} with integers "
+                          f">= 1, got {value!r}")
+    return dict(value)
 
 
 def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Comparison:

@@ -26,25 +26,11 @@ import torch
 from neuronwise.io import atomic_write_text
 
 from .compare import REMAINING, Comparison, run_name
-from .config import ConfigError
 from .plots import png, pyplot
 
 FILE = "latency.json"
-KEYS = ("batch", "repeats")
 # The simplified model must compute the same function (relative to the output scale).
 _TOLERANCE = 1e-4
-
-
-def check_latency(value: object, source: str) -> dict | None:
-    """The validated ``latency:`` setting of a comparison (``None``: not measured)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict) or set(value) != set(KEYS) or not all(
-            isinstance(value[k], int) and not isinstance(value[k], bool) and value[k] >= 1
-            for k in KEYS):
-        raise ConfigError(f"{source}: latency: expected {{batch: N, repeats: N}} with integers "
-                          f">= 1, got {value!r}")
-    return dict(value)
 
 
 def measure_run(directory: Path, batch: int, repeats: int) -> dict:
