@@ -160,6 +160,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.data_root:
             extra.append(f"data.root={args.data_root}")
         run_all(comparison, runs, extra, only=args.only)
+    from .compare_latency import measure_missing
+
+    measure_missing(comparison, runs)  # with latency: set, finished runs not yet measured
     section, notes = write_records(comparison, runs, results)
     refresh_quotes(results.parent / "RESULTS.md")  # docs/RESULTS.md quotes the generated tables
     for method, waiting in notes.items():

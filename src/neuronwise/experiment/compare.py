@@ -26,6 +26,11 @@ the run's result at T; a run with fewer candidates has none (T not reached withi
 
 Optional ``time_to_target: [R, E]``: per run, the first such epoch with r(e) ≤ R and test error
 ≤ E (:func:`first_epoch_at`), reported as epochs to the target.
+
+Optional ``latency: {batch: B, repeats: R}`` (structured methods): the selection table gains the
+alive neurons of the selected epochs, and each finished run's final model is simplified and its CPU
+latency measured against the dense architecture (:mod:`.compare_latency`), reported with the final
+test error and plotted as error vs latency.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from . import config as config_module
 from .config import Config, ConfigError
 
 REMAINING = "remaining_percent_paper"
+LATENCY_KEYS = ("batch", "repeats")
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Comparison:
     targets: list
     methods: dict  # method name -> MethodSpec
     time_to_target: list | None = None  # [remaining %, test error %]: first epoch meeting both
+    latency: dict | None = None  # {batch, repeats}: time each run's simplified final model
 
 
 @dataclass
@@ -121,10 +128,23 @@ def comparison_from_dict(data: dict, source: str = "comparison") -> Comparison:
         raise ConfigError(f"{source}: time_to_target: expected [remaining %, test error %], "
                           f"got {goal!r}")
     comparison = Comparison(name, epochs, list(seeds), candidates, targets, methods,
-                            None if goal is None else [float(v) for v in goal])
+                            None if goal is None else [float(v) for v in goal],
+                            check_latency(data.get("latency"), source))
     for method in methods:
         run_config(comparison, method, seeds[0])
     return comparison
+
+
+def check_latency(value: object, source: str) -> dict | None:
+    """The validated ``latency:`` setting of a comparison (``None``: not measured)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != set(LATENCY_KEYS) or not all(
+            isinstance(value[k], int) and not isinstance(value[k], bool) and value[k] >= 1
+            for k in LATENCY_KEYS):
+        raise ConfigError(f"{source}: latency: expected {{batch: N, repeats: N}} with integers "
+                          f">= 1, got {value!r}")
+    return dict(value)
 
 
 def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Comparison:

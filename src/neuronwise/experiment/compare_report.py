@@ -19,6 +19,8 @@ from pathlib import Path
 from neuronwise.io import atomic_write_bytes, atomic_write_text
 
 from .compare import REMAINING, Comparison, first_epoch_at, run_name, select, targets_of
+from .compare_latency import latency_png, latency_table, mean_std, read_latency
+from .plots import png
 
 COLUMNS = ("comparison", "method", "seed", "run", "epoch", "epochs_budget", "remaining_percent",
            "test_error_percent")
@@ -50,12 +52,13 @@ def comparison_rows(comparison: Comparison, runs: Path) -> tuple[list[dict], dic
                 chosen = select(history, target, comparison.candidates)
                 if chosen is None:
                     continue
+                line = next(r for r in history if r["epoch"] == chosen.epoch)
                 rows.append({
                     "comparison": comparison.name, "method": method, "seed": seed, "run": name,
                     "epoch": chosen.epoch, "epochs_budget": comparison.epochs,
                     "remaining_percent": f"{chosen.remaining_percent:.6f}",
                     "test_error_percent": f"{chosen.test_error_percent:.6f}",
-                    "target": target,
+                    "target": target, "neurons": line.get("neurons_alive"),
                 })
     return rows, notes
 
@@ -102,10 +105,6 @@ def check_csv(path: Path, runs: Path) -> list[str]:
     return problems
 
 
-def _mean_std(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    spread = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "n/a"
-    return f"{mean:.2f} ± {spread}"
 
 
 def summary(comparison: Comparison, rows: list[dict]) -> dict:
@@ -114,8 +113,10 @@ def summary(comparison: Comparison, rows: list[dict]) -> dict:
     table: dict = {}
     for row in rows:
         cell = table.setdefault((row["target"], row["method"]),
-                                {"seeds": [], "remaining": [], "error": []})
+                                {"seeds": [], "remaining": [], "error": [], "neurons": []})
         cell["seeds"].append(int(row["seed"]))
+        if row.get("neurons") is not None:
+            cell["neurons"].append(float(row["neurons"]))
         cell["remaining"].append(float(row["remaining_percent"]))
         cell["error"].append(float(row["test_error_percent"]))
     return table
@@ -144,13 +145,14 @@ def _time_table(comparison: Comparison, times: dict) -> list[str]:
     for method in comparison.methods:
         epochs = [e for e in times.get(method, []) if e is not None]
         finished = len(times.get(method, []))
-        spread = _mean_std([float(e) for e in epochs]) if epochs else "—"
+        spread = mean_std([float(e) for e in epochs]) if epochs else "—"
         lines.append(f"| {method} | {len(epochs)}/{finished} | {spread} |")
     return lines
 
 
 def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str]],
-             plot: str | None, time_rows: dict | None = None) -> str:
+             plot: str | None, time_rows: dict | None = None,
+             latency: tuple[dict, str | None] | None = None) -> str:
     """The comparison's section: settings, one mean ± std table row per (target, method)."""
     table = summary(comparison, rows)
     targets = sorted({t for m in comparison.methods for t in targets_of(comparison, m)},
@@ -163,21 +165,31 @@ def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str
          f"target (module `neuronwise.experiment.compare`). Mean ± sample std over the seeds that "
          f"reached the target; `n` = how many did, of the finished runs."), "",
         "| target ≤ % | method | n | remaining % | test error % |", "|---|---|---|---|---|"]
+    neurons = comparison.latency is not None  # structured: the selected epochs' alive neurons
+    if neurons:
+        lines[-2:] = ["| target ≤ % | method | n | remaining % | neurons alive | test error % |",
+                      "|---|---|---|---|---|---|"]
     for target in targets:
         for method in comparison.methods:
             if target not in targets_of(comparison, method):
                 continue
             finished = len(comparison.seeds) - len(notes[method])
             cell = table.get((target, method))
+            empty = " — |" * (2 if neurons else 1)
             if finished == 0:
-                lines.append(f"| {target:g} | {method} | 0/0 | no finished run | — |")
+                lines.append(f"| {target:g} | {method} | 0/0 | no finished run |{empty}")
             elif cell is None:
-                lines.append(f"| {target:g} | {method} | 0/{finished} | not reached | — |")
+                lines.append(f"| {target:g} | {method} | 0/{finished} | not reached |{empty}")
             else:
+                alive = f" {mean_std(cell['neurons'], 1)} |" if neurons else ""
                 lines.append(f"| {target:g} | {method} | {len(cell['seeds'])}/{finished} "
-                             f"| {_mean_std(cell['remaining'])} | {_mean_std(cell['error'])} |")
+                             f"| {mean_std(cell['remaining'])} |{alive} "
+                             f"{mean_std(cell['error'])} |")
     if comparison.time_to_target and time_rows is not None:
         lines += _time_table(comparison, time_rows)
+    if latency is not None:
+        finished = {m: len(comparison.seeds) - len(n) for m, n in notes.items()}
+        lines += latency_table(comparison, latency[0], finished, latency[1])
     waiting = [f"{m} {', '.join(n)}" for m, n in notes.items() if n]
     if waiting:
         lines += ["", "Not finished (not in the table): " + "; ".join(waiting) + "."]
@@ -218,10 +230,7 @@ def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png(figure)
 
 
 def write_records(comparison: Comparison, runs: Path, results: Path
@@ -241,7 +250,15 @@ def write_records(comparison: Comparison, runs: Path, results: Path
         plot = f"{comparison.name}.png"
     section = folder / f"{comparison.name}.md"
     times = time_to_target(comparison, runs) if comparison.time_to_target else None
-    atomic_write_text(section, markdown(comparison, rows, notes, plot, times))
+    latency = None
+    if comparison.latency is not None:
+        found = read_latency(comparison, runs)
+        latency_plot = None
+        if found:
+            latency_plot = f"{comparison.name}-latency.png"
+            atomic_write_bytes(folder / latency_plot, latency_png(comparison, found))
+        latency = (found, latency_plot)
+    atomic_write_text(section, markdown(comparison, rows, notes, plot, times, latency))
     _write_index(results)
     return section, notes
 

@@ -7,7 +7,7 @@ One-shot (:func:`global_magnitude_prune`), iterative (Han et al., 2015) and grad
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -70,7 +70,10 @@ class IterativeMagnitudePruning:
     ``fraction`` of the surviving entries, so after r rounds the sparsity of P is
     1 − (1 − fraction)^r (capped at ``final_sparsity``; no more rounds once it is reached).
     Between rounds the model fine-tunes with ``self.mask`` applied after each optimizer step
-    (``pruner.mask.attach(optimizer)``). Entries are ranked by ``importance`` (default |w|).
+    (``pruner.mask.attach(optimizer)``). Entries are ranked by ``importance`` (default |w|);
+    ``prune``, if given, replaces that ranking: ``prune(target)`` brings the model to the target
+    fraction its own way (e.g. whole neurons, :func:`neuronwise.l1_structured_prune`, with a
+    neuron ``mask``).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class IterativeMagnitudePruning:
         modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
         mask: ParameterMask | None = None,
         importance: ParameterImportance = magnitude,
+        prune: Callable[[float], object] | None = None,
     ) -> None:
         self.fraction = check_fraction("fraction", fraction)
         self.every = check_int("every", every, 1)
@@ -91,6 +95,7 @@ class IterativeMagnitudePruning:
         self.params = resolve_parameters(model, modules)
         self.mask = check_mask(mask) or ParameterMask(model, modules)
         self.importance = importance
+        self.prune = prune or (lambda s: prune_to_sparsity(self.params, s, self.importance))
         self.last_epoch = 0
         self.rounds = 0
         self.sparsity = 0.0
@@ -106,7 +111,7 @@ class IterativeMagnitudePruning:
         target = 1.0 - (1.0 - self.fraction) ** (self.rounds + 1)
         if self.final_sparsity is not None:
             target = min(target, self.final_sparsity)
-        prune_to_sparsity(self.params, target, self.importance)
+        self.prune(target)
         self.mask.update()
         self.rounds += 1
         self.sparsity = target
@@ -148,7 +153,7 @@ class GradualMagnitudePruning:
     first call is t = 0. At t = t0, t0 + Δt, …, t0 + n·Δt the model is pruned to s_t (so s_i at
     t0 and s_f at the end); other calls do nothing. Between updates apply ``self.mask`` after each
     optimizer step (``pruner.mask.attach(optimizer)``). Entries are ranked by ``importance``
-    (default |w|).
+    (default |w|), or ``prune(s_t)`` prunes instead (as in :class:`IterativeMagnitudePruning`).
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class GradualMagnitudePruning:
         modules: Iterable[type[nn.Module]] = PRUNABLE_MODULES,
         mask: ParameterMask | None = None,
         importance: ParameterImportance = magnitude,
+        prune: Callable[[float], object] | None = None,
     ) -> None:
         self.final_sparsity = check_fraction("final_sparsity", final_sparsity)
         self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
@@ -176,6 +182,7 @@ class GradualMagnitudePruning:
         self.params = resolve_parameters(model, modules)
         self.mask = check_mask(mask) or ParameterMask(model, modules)
         self.importance = importance
+        self.prune = prune or (lambda s: prune_to_sparsity(self.params, s, self.importance))
         self.last_step = -1
 
     def sparsity_at(self, t: int) -> float:
@@ -195,7 +202,7 @@ class GradualMagnitudePruning:
         if t < 0 or t > self.num_updates * self.frequency or t % self.frequency:
             return None
         sparsity = self.sparsity_at(self.last_step)
-        prune_to_sparsity(self.params, sparsity, self.importance)
+        self.prune(sparsity)
         self.mask.update()
         return sparsity
 

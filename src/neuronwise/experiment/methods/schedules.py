@@ -33,7 +33,13 @@ class PruningConfig:
     granularity: Literal["params", "neurons"] = setting(
         "params", "mask per entry or per whole neuron, also the mask LOBSTER/SeReNe share with "
         "the pruner (a neuron mask takes the channels coupled by residual additions or depthwise "
-        "convs together)")
+        "convs together); oneshot/iterative/gradual with neurons prune whole neurons, sparsity "
+        "and fraction then count neurons (ranked by neuron_ranking)")
+    neuron_ranking: Literal["l1-layer", "l1-global", "l1-groups", "tp-group-l1"] = setting(
+        "l1-layer", "oneshot/iterative/gradual, granularity neurons: l1-SCOPE = row-L1 norms "
+        "(neuronwise.l1_structured_prune, scope layer/global/groups); tp-group-l1 = "
+        "Torch-Pruning's group-L1 importance per layer, as a neuron mask (needs the baselines "
+        "extra)")
     safe_threshold: bool = setting(False, "plateau: use the largest threshold verified within TWT")
     sparsity: float = setting(0.9, "oneshot/iterative/gradual: target fraction of zeros",
                               bounds="in [0, 1]")
