@@ -18,7 +18,7 @@ from pathlib import Path
 
 from neuronwise.io import atomic_write_bytes, atomic_write_text
 
-from .compare import REMAINING, Comparison, first_epoch_at, run_name, select, targets_of
+from .compare import REMAINING, Comparison, first_epoch_at, run_name, selections, targets_of
 
 COLUMNS = ("comparison", "method", "seed", "run", "epoch", "epochs_budget", "remaining_percent",
            "test_error_percent")
@@ -46,16 +46,13 @@ def comparison_rows(comparison: Comparison, runs: Path) -> tuple[list[dict], dic
             if done != comparison.epochs:
                 notes[method].append(f"s{seed} ({done}/{comparison.epochs} epochs)")
                 continue
-            for target in targets_of(comparison, method):
-                chosen = select(history, target, comparison.candidates)
-                if chosen is None:
-                    continue
+            for chosen in selections(comparison, method, history):
                 rows.append({
                     "comparison": comparison.name, "method": method, "seed": seed, "run": name,
                     "epoch": chosen.epoch, "epochs_budget": comparison.epochs,
                     "remaining_percent": f"{chosen.remaining_percent:.6f}",
                     "test_error_percent": f"{chosen.test_error_percent:.6f}",
-                    "target": target,
+                    "target": chosen.target,
                 })
     return rows, notes
 
@@ -235,6 +232,12 @@ def write_records(comparison: Comparison, runs: Path, results: Path
     rows, notes = comparison_rows(comparison, runs)
     write_csv(results / "comparisons.csv", comparison.name, rows)
     folder = results / "comparisons"
+    if comparison.kind == "training":  # nothing pruned: module compare_training
+        from .compare_training import write_section
+
+        section = write_section(comparison, runs, rows, notes, folder)
+        _write_index(results)
+        return section, notes
     plot = None
     if rows:
         atomic_write_bytes(folder / f"{comparison.name}.png", plot_png(comparison, rows))
