@@ -87,6 +87,7 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("configs/compare/lenet300_mnist_lobster_search.yaml",)),
     ("compare-lenet5-mnist", "compare", ("configs/compare/lenet5_mnist.yaml",)),
     ("compare-lenet5-fashion", "compare", ("configs/compare/lenet5_fashion.yaml",)),
+    ("compare-lenet5-fashion-neq", "compare", ("configs/compare/lenet5_fashion_neq.yaml",)),
     # Benchmarks: (script, output file under docs/results, script arguments).
     ("bench-lobster-overhead", "bench", ("benchmarks/lobster_overhead.py", "lobster_overhead.txt",
                                          "--rounds", "30")),

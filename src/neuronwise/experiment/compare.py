@@ -208,6 +208,12 @@ def select(history: list[dict], target: float, candidates: int) -> Selection | N
             if len(chosen) == candidates:
                 break
         previous = remaining
+    return _best(chosen, target, candidates)
+
+
+def _best(chosen: list[dict], target: float | None, candidates: int) -> Selection | None:
+    """The candidate line with the best validation accuracy (earliest on a tie); None if there
+    are fewer than ``candidates``."""
     if len(chosen) < candidates:
         return None
     best = max(chosen, key=lambda r: (r["val_accuracy"], -r["epoch"]))
@@ -220,12 +226,7 @@ def select_last(history: list[dict], epochs: int, candidates: int) -> Selection 
     """A training comparison's result: the best-validation line (earliest on a tie) among epochs
     ``epochs − candidates + 1`` … ``epochs``; None if the run has not all of them."""
     chosen = [line for line in history if epochs - candidates < line["epoch"] <= epochs]
-    if len(chosen) < candidates:
-        return None
-    best = max(chosen, key=lambda r: (r["val_accuracy"], -r["epoch"]))
-    return Selection(target=None, epoch=int(best["epoch"]), remaining_percent=best[REMAINING],
-                     test_error_percent=100.0 - best["test_accuracy"],
-                     val_accuracy=best["val_accuracy"])
+    return _best(chosen, None, candidates)
 
 
 def selections(comparison: Comparison, method: str, history: list[dict]) -> list[Selection]:

@@ -214,6 +214,13 @@ def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
                    f"mean ± std over the finished seeds (n in the table)", fontsize=9)
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
+    return figure_png(figure)
+
+
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes (100 dpi, tight layout); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)

@@ -20,14 +20,13 @@ measurement on the test set, not a selection.
 
 from __future__ import annotations
 
-import io
 import statistics
 from pathlib import Path
 
 from neuronwise.io import atomic_write_bytes, atomic_write_text
 
 from .compare import Comparison, run_name
-from .compare_report import _history, _mean_std
+from .compare_report import _history, _mean_std, figure_png
 
 # (wall, CPU) keys of the training loop and of a method's step after it, per metrics.jsonl line.
 CLOCKS = {"wall": ("train_time_s", "neq_time_s"), "cpu": ("train_cpu_time_s", "neq_cpu_time_s")}
@@ -87,14 +86,15 @@ def markdown(comparison: Comparison, runs: Path, rows: list[dict], notes: dict[s
          f"result is the best-validation epoch among its last {comparison.candidates} epochs "
          f"(module `neuronwise.experiment.compare_training`). Mean ± sample std over the finished "
          f"runs; frozen % and backward FLOPs saved % are means over all epochs of a run, then over "
-         f"runs; s/epoch is the training loop's mean wall time (machine load varies)."), "",
-        "| method | n | test error % | epoch | frozen %, mean | backward FLOPs saved % | s/epoch |",
-        "|---|---|---|---|---|---|---|"]
+         f"runs; s/epoch: the training loop's mean time per epoch, wall and process CPU clocks "
+         f"(machine load varies)."), "",
+        ("| method | n | test error % | epoch | frozen %, mean | backward FLOPs saved % "
+         "| wall s/epoch | CPU s/epoch |"), "|---|---|---|---|---|---|---|---|"]
     for method in comparison.methods:
         done = _finished(comparison, runs, method)
         mine = [r for r in rows if r["method"] == method]
         if not mine:
-            lines.append(f"| {method} | 0/{len(done)} | no finished run | — | — | — | — |")
+            lines.append(f"| {method} | 0/{len(done)} | no finished run | — | — | — | — | — |")
             continue
         lines.append(
             f"| {method} | {len(mine)}/{len(done)} "
@@ -102,31 +102,36 @@ def markdown(comparison: Comparison, runs: Path, rows: list[dict], notes: dict[s
             f"| {_spread([float(r['epoch']) for r in mine])} "
             f"| {_spread([_mean(h, 'frozen_percent') or 0.0 for h in done])} "
             f"| {_spread([_mean(h, 'backward_saving_percent') or 0.0 for h in done])} "
-            f"| {_spread([_mean(h, 'train_time_s') for h in done])} |")
-    goal = reference_accuracy(comparison, rows) if comparison.time_to_reference else None
+            f"| {_spread([_mean(h, 'train_time_s') for h in done])} "
+            f"| {_spread([_mean(h, 'train_cpu_time_s') for h in done])} |")
     if comparison.time_to_reference:
-        spec = comparison.time_to_reference
-        lines += ["", (f"Time to reference: the first epoch with test accuracy ≥ the mean of "
-                       f"{spec['method']}'s results − {spec['margin']:g} points"
-                       + (f" = {goal:.2f} %" if goal is not None else " (no finished run yet)")
-                       + "; time = cumulative training loop + NEq probe pass (step) up to it, "
-                       "wall clock and process CPU time (module docstring). A measurement on the "
-                       "test set, not a selection."), "",
-                  "| method | met | epochs | wall s | CPU s |", "|---|---|---|---|---|"]
-        for method in comparison.methods:
-            done = _finished(comparison, runs, method)
-            hits = [first_at(h, goal) for h in done] if goal is not None else []
-            hits = [h for h in hits if h is not None]
-            lines.append(f"| {method} | {len(hits)}/{len(done)} "
-                         f"| {_spread([float(h['epoch']) for h in hits])} "
-                         f"| {_spread([h['wall_s'] for h in hits])} "
-                         f"| {_spread([h['cpu_s'] for h in hits])} |")
+        lines += _time_table(comparison, runs, rows)
     waiting = [f"{m} {', '.join(n)}" for m, n in notes.items() if n]
     if waiting:
         lines += ["", "Not finished (not in the tables): " + "; ".join(waiting) + "."]
     if plot:
         lines += ["", f"![{comparison.name}: test error vs cumulative training time]({plot})"]
     return "\n".join(lines) + "\n"
+
+
+def _time_table(comparison: Comparison, runs: Path, rows: list[dict]) -> list[str]:
+    spec, goal = comparison.time_to_reference, reference_accuracy(comparison, rows)
+    lines = ["", (f"Time to reference: the first epoch with test accuracy ≥ the mean of "
+                  f"{spec['method']}'s results − {spec['margin']:g} points"
+                  + (f" = {goal:.2f} %" if goal is not None else " (no finished run yet)")
+                  + "; time = cumulative training loop + NEq probe pass (step) up to it, wall "
+                  "clock and process CPU time (module docstring). A measurement on the test set, "
+                  "not a selection. Means ± std over the runs that met it."), "",
+             "| method | met | epochs | wall s | CPU s |", "|---|---|---|---|---|"]
+    for method in comparison.methods:
+        done = _finished(comparison, runs, method)
+        hits = [first_at(h, goal) for h in done] if goal is not None else []
+        hits = [h for h in hits if h is not None]
+        lines.append(f"| {method} | {len(hits)}/{len(done)} "
+                     f"| {_spread([float(h['epoch']) for h in hits])} "
+                     f"| {_spread([h['wall_s'] for h in hits])} "
+                     f"| {_spread([h['cpu_s'] for h in hits])} |")
+    return lines
 
 
 def plot_png(comparison: Comparison, runs: Path, goal: float | None) -> bytes | None:
@@ -168,11 +173,7 @@ def plot_png(comparison: Comparison, runs: Path, goal: float | None) -> bytes | 
                    fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def write_section(comparison: Comparison, runs: Path, rows: list[dict],
