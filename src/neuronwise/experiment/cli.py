@@ -160,6 +160,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.data_root:
             extra.append(f"data.root={args.data_root}")
         run_all(comparison, runs, extra, only=args.only)
+    if comparison.kind == "training":  # nothing pruned: no targets
+        from .compare_training import write_records
     section, notes = write_records(comparison, runs, results)
     refresh_quotes(results.parent / "RESULTS.md")  # docs/RESULTS.md quotes the generated tables
     for method, waiting in notes.items():

@@ -46,6 +46,7 @@ from typing import Any
 
 from . import config as config_module
 from .config import Config, ConfigError
+from .rundir import RunDir
 
 REMAINING = "remaining_percent_paper"
 KINDS = ("pruning", "training")
@@ -286,10 +287,10 @@ def _matched(comparison: Comparison, method: str, seed: int, runs: Path) -> list
     reference = comparison.methods[method].match_frozen
     if reference is None:
         return []
-    from .compare_report import _history
-
-    history = sorted(_history(runs / run_name(comparison, reference, seed)),
-                     key=lambda r: r["epoch"])
+    directory = RunDir(runs / run_name(comparison, reference, seed))
+    if not directory.metrics_path.is_file():
+        return None
+    history = sorted(directory.read_metrics(), key=lambda r: r["epoch"])
     if [r["epoch"] for r in history] != list(range(1, comparison.epochs + 1)):
         return None
     shares = [round(1.0 - r["frozen_percent"] / 100.0, 6) for r in history]

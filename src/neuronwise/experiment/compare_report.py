@@ -186,7 +186,7 @@ def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str
 def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
     """Test error vs remaining parameters (log x): per method the means over seeds at each target,
     with ± std bars on both axes and a ± std band on the error."""
-    from .report import _pyplot
+    from .report import _pyplot, figure_png
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.8))
@@ -217,17 +217,6 @@ def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
     return figure_png(figure)
 
 
-def figure_png(figure) -> bytes:
-    """A matplotlib figure as PNG bytes (100 dpi, tight layout); the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
-
-
 def write_records(comparison: Comparison, runs: Path, results: Path
                   ) -> tuple[Path, dict[str, list[str]]]:
     """Rewrite this comparison's CSV rows, its section file and its plot under ``results``.
@@ -239,12 +228,6 @@ def write_records(comparison: Comparison, runs: Path, results: Path
     rows, notes = comparison_rows(comparison, runs)
     write_csv(results / "comparisons.csv", comparison.name, rows)
     folder = results / "comparisons"
-    if comparison.kind == "training":  # nothing pruned: module compare_training
-        from .compare_training import write_section
-
-        section = write_section(comparison, runs, rows, notes, folder)
-        _write_index(results)
-        return section, notes
     plot = None
     if rows:
         atomic_write_bytes(folder / f"{comparison.name}.png", plot_png(comparison, rows))

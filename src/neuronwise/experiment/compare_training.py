@@ -26,7 +26,7 @@ from pathlib import Path
 from neuronwise.io import atomic_write_bytes, atomic_write_text
 
 from .compare import Comparison, run_name
-from .compare_report import _history, _mean_std, figure_png
+from .compare_report import _history, _mean_std, _write_index, comparison_rows, write_csv
 
 # (wall, CPU) keys of the training loop and of a method's step after it, per metrics.jsonl line.
 CLOCKS = {"wall": ("train_time_s", "neq_time_s"), "cpu": ("train_cpu_time_s", "neq_cpu_time_s")}
@@ -137,7 +137,7 @@ def _time_table(comparison: Comparison, runs: Path, rows: list[dict]) -> list[st
 def plot_png(comparison: Comparison, runs: Path, goal: float | None) -> bytes | None:
     """Test error vs cumulative training time (CPU clock where recorded, else wall): per method
     the mean over finished runs at each epoch, with a ± std band; dashed: the reference target."""
-    from .report import _pyplot
+    from .report import _pyplot, figure_png
 
     finished = {m: _finished(comparison, runs, m) for m in comparison.methods}
     if not any(finished.values()):
@@ -176,9 +176,13 @@ def plot_png(comparison: Comparison, runs: Path, goal: float | None) -> bytes | 
     return figure_png(figure)
 
 
-def write_section(comparison: Comparison, runs: Path, rows: list[dict],
-                  notes: dict[str, list[str]], folder: Path) -> Path:
-    """Write ``folder/NAME.md`` (and ``NAME.png`` once a run finished); returns the section."""
+def write_records(comparison: Comparison, runs: Path, results: Path
+                  ) -> tuple[Path, dict[str, list[str]]]:
+    """:func:`.compare_report.write_records` for a training comparison: its CSV rows, then
+    ``results/comparisons/NAME.md`` (and ``NAME.png`` once a run finished) and the index."""
+    rows, notes = comparison_rows(comparison, runs)
+    write_csv(results / "comparisons.csv", comparison.name, rows)
+    folder = results / "comparisons"
     goal = reference_accuracy(comparison, rows) if comparison.time_to_reference else None
     png = plot_png(comparison, runs, goal)
     plot = None
@@ -187,4 +191,5 @@ def write_section(comparison: Comparison, runs: Path, rows: list[dict],
         plot = f"{comparison.name}.png"
     section = folder / f"{comparison.name}.md"
     atomic_write_text(section, markdown(comparison, runs, rows, notes, plot))
-    return section
+    _write_index(results)
+    return section, notes

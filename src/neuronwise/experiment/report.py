@@ -34,18 +34,23 @@ def _pyplot():
     return plt
 
 
-def _save(figure, axis, title: str, path: Path) -> None:
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout, 100 dpi); the figure is closed."""
     import io
 
-    axis.set_xlabel("epoch")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend()
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     _pyplot().close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _save(figure, axis, title: str, path: Path) -> None:
+    axis.set_xlabel("epoch")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    atomic_write_bytes(path, figure_png(figure))
 
 
 def _lines(series: dict[str, list[tuple]], title: str, path: Path, log: bool = False) -> bool:
