@@ -91,6 +91,7 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("configs/compare/lenet300_mnist_structured.yaml",)),
     ("compare-lenet5-fashion-structured", "compare",
      ("configs/compare/lenet5_fashion_structured.yaml",)),
+    ("compare-lenet5-fashion-neq", "compare", ("configs/compare/lenet5_fashion_neq.yaml",)),
     # Benchmarks: (script, output file under docs/results, script arguments).
     ("bench-lobster-overhead", "bench", ("benchmarks/lobster_overhead.py", "lobster_overhead.txt",
                                          "--rounds", "30")),

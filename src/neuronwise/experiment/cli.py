@@ -163,6 +163,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare_latency import measure_missing
 
     measure_missing(comparison, runs)  # with latency: set, finished runs not yet measured
+    if comparison.kind == "training":  # nothing pruned: no targets
+        from .compare_training import write_records
     section, notes = write_records(comparison, runs, results)
     refresh_quotes(results.parent / "RESULTS.md")  # docs/RESULTS.md quotes the generated tables
     for method, waiting in notes.items():

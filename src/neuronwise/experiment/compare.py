@@ -31,6 +31,15 @@ Optional ``latency: {batch: B, repeats: R}`` (structured methods): the selection
 alive neurons of the selected epochs, and each finished run's final model is simplified and its CPU
 latency measured against the dense architecture (:mod:`.compare_latency`), reported with the final
 test error and plotted as error vs latency.
+
+``kind: training`` compares methods that prune nothing (NEq and its baselines against dense
+training): no ``targets``; a run's result is the best-validation epoch among its last
+``candidates`` epochs (:func:`select_last`). Optional ``time_to_reference: {method: M, margin: D}``
+measures, per run, the first epoch whose test accuracy is at least the mean test accuracy of M's
+results minus D points, in epochs and in cumulative training time, the probe pass of NEq included
+(module :mod:`.compare_training`). A method with ``match_frozen: M`` (NEq's random / top-k
+baselines) trains, in each epoch, the share of neurons that M's run of the same seed trained then
+(``neq.trained_fractions``, :func:`_matched`); it waits until that run has finished.
 """
 
 from __future__ import annotations
@@ -42,9 +51,11 @@ from typing import Any
 
 from . import config as config_module
 from .config import Config, ConfigError
+from .rundir import RunDir
 
 REMAINING = "remaining_percent_paper"
 LATENCY_KEYS = ("batch", "repeats")
+KINDS = ("pruning", "training")
 
 
 @dataclass
@@ -52,6 +63,7 @@ class MethodSpec:
     config: str  # experiment config file of the method
     set: list = field(default_factory=list)  # KEY=VALUE overrides applied to it
     targets: list | None = None  # this method's targets (default: the comparison's)
+    match_frozen: str | None = None  # NEq baselines: the method whose frozen share per epoch to copy
 
 
 @dataclass
@@ -64,13 +76,15 @@ class Comparison:
     methods: dict  # method name -> MethodSpec
     time_to_target: list | None = None  # [remaining %, test error %]: first epoch meeting both
     latency: dict | None = None  # {batch, repeats}: time each run's simplified final model
+    kind: str = "pruning"  # "training": no targets, the last `candidates` epochs (select_last)
+    time_to_reference: dict | None = None  # training: {method, margin}: epochs/time to its accuracy
 
 
 @dataclass
 class Selection:
     """One run's result at one target: the chosen line of its metrics.jsonl."""
 
-    target: float
+    target: float | None  # None: a training comparison's (no target)
     epoch: int
     remaining_percent: float
     test_error_percent: float
@@ -104,32 +118,62 @@ def comparison_from_dict(data: dict, source: str = "comparison") -> Comparison:
     candidates = _field(data, "candidates", int, source)
     if epochs < 1 or candidates < 1:
         raise ConfigError(f"{source}: epochs and candidates: expected >= 1, got {epochs}, {candidates}")
+    kind = data.get("kind", "pruning")
+    if kind not in KINDS:
+        raise ConfigError(f"{source}: kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    training = kind == "training"
+    if training and candidates > epochs:
+        raise ConfigError(f"{source}: candidates: expected <= epochs ({epochs}) with kind: "
+                          f"training, got {candidates}")
+    for key in ("targets", "time_to_target") if training else ("time_to_reference",):
+        if key in data:
+            raise ConfigError(f"{source}: {key}: not used with kind: {kind}")
     seeds = _field(data, "seeds", list, source)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"{source}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    targets = _numbers(data.get("targets"), "targets", source)
+    targets = [] if training else _numbers(data.get("targets"), "targets", source)
     methods_data = _field(data, "methods", dict, source)
     if not methods_data:
         raise ConfigError(f"{source}: methods: expected at least one method")
     methods = {}
     for method, spec in methods_data.items():
         where = f"{source}: methods.{method}"
-        if not isinstance(spec, dict) or set(spec) - {"config", "set", "targets"}:
-            raise ConfigError(f"{where}: expected a mapping with config, set, targets, got {spec!r}")
+        keys = {"config", "set", "targets", "match_frozen"}
+        if not isinstance(spec, dict) or set(spec) - keys:
+            raise ConfigError(f"{where}: expected a mapping with {', '.join(sorted(keys))}, "
+                              f"got {spec!r}")
+        match = spec.get("match_frozen")
+        if match is not None and (match == method or match not in methods_data):
+            raise ConfigError(f"{where}.match_frozen: expected another method of the comparison, "
+                              f"got {match!r}")
         overrides = spec.get("set") or []
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise ConfigError(f"{where}.set: expected a list of KEY=VALUE, got {overrides!r}")
         own = spec.get("targets")
+        if training and own is not None:
+            raise ConfigError(f"{where}.targets: not used with kind: training")
         methods[str(method)] = MethodSpec(
             config=_field(spec, "config", str, where), set=overrides,
-            targets=None if own is None else _numbers(own, f"methods.{method}.targets", source))
+            targets=None if own is None else _numbers(own, f"methods.{method}.targets", source),
+            match_frozen=match)
     goal = data.get("time_to_target")
     if goal is not None and len(_numbers(goal, "time_to_target", source)) != 2:
         raise ConfigError(f"{source}: time_to_target: expected [remaining %, test error %], "
                           f"got {goal!r}")
+    reference = data.get("time_to_reference")
+    if reference is not None:
+        where = f"{source}: time_to_reference"
+        if not isinstance(reference, dict) or set(reference) != {"method", "margin"}:
+            raise ConfigError(f"{where}: expected {{method: M, margin: D}}, got {reference!r}")
+        if reference["method"] not in methods:
+            raise ConfigError(f"{where}.method: expected one of {', '.join(methods)}, "
+                              f"got {reference['method']!r}")
+        margin = _numbers([reference["margin"]], "time_to_reference.margin", source)[0]
+        reference = {"method": reference["method"], "margin": margin}
     comparison = Comparison(name, epochs, list(seeds), candidates, targets, methods,
                             None if goal is None else [float(v) for v in goal],
-                            check_latency(data.get("latency"), source))
+                            latency=check_latency(data.get("latency"), source), kind=kind,
+                            time_to_reference=reference)
     for method in methods:
         run_config(comparison, method, seeds[0])
     return comparison
@@ -186,12 +230,34 @@ def select(history: list[dict], target: float, candidates: int) -> Selection | N
             if len(chosen) == candidates:
                 break
         previous = remaining
+    return _best(chosen, target, candidates)
+
+
+def _best(chosen: list[dict], target: float | None, candidates: int) -> Selection | None:
+    """The candidate line with the best validation accuracy (earliest on a tie); None if there
+    are fewer than ``candidates``."""
     if len(chosen) < candidates:
         return None
     best = max(chosen, key=lambda r: (r["val_accuracy"], -r["epoch"]))
     return Selection(target=target, epoch=int(best["epoch"]), remaining_percent=best[REMAINING],
                      test_error_percent=100.0 - best["test_accuracy"],
                      val_accuracy=best["val_accuracy"])
+
+
+def select_last(history: list[dict], epochs: int, candidates: int) -> Selection | None:
+    """A training comparison's result: the best-validation line (earliest on a tie) among epochs
+    ``epochs − candidates + 1`` … ``epochs``; None if the run has not all of them."""
+    chosen = [line for line in history if epochs - candidates < line["epoch"] <= epochs]
+    return _best(chosen, None, candidates)
+
+
+def selections(comparison: Comparison, method: str, history: list[dict]) -> list[Selection]:
+    """A finished run's results: one per target reached, or one for a training comparison."""
+    if comparison.kind == "training":
+        found = [select_last(history, comparison.epochs, comparison.candidates)]
+    else:
+        found = [select(history, t, comparison.candidates) for t in targets_of(comparison, method)]
+    return [s for s in found if s is not None]
 
 
 def first_epoch_at(history: list[dict], remaining: float, error: float) -> dict | None:
@@ -222,8 +288,31 @@ def run_all(comparison: Comparison, runs: Path, extra: list[str] | None = None,
             if only and method not in only:
                 continue
             name = run_name(comparison, method, seed)
+            matched = _matched(comparison, method, seed, runs)
+            if matched is None:
+                log(f"compare: {name} waits for "
+                    f"{run_name(comparison, comparison.methods[method].match_frozen, seed)} "
+                    f"(not finished)")
+                continue
             directory = runs / name
             resume = (directory / "config.yaml").exists()
             log(f"compare: {name} ({'resume' if resume else 'start'})")
-            config = run_config(comparison, method, seed, extra)
+            config = run_config(comparison, method, seed, matched + (extra or []))
             Trainer(config, str(directory), resume=resume).fit()
+
+
+def _matched(comparison: Comparison, method: str, seed: int, runs: Path) -> list[str] | None:
+    """``match_frozen: M``: the override ``neq.trained_fractions=[...]`` that trains, in each
+    epoch e, the share 1 − frozen_percent(e) / 100 of M's finished run of this seed (the frozen set
+    its line e describes was used during e); None while that run is unfinished. [] otherwise."""
+    reference = comparison.methods[method].match_frozen
+    if reference is None:
+        return []
+    directory = RunDir(runs / run_name(comparison, reference, seed))
+    if not directory.metrics_path.is_file():
+        return None
+    history = sorted(directory.read_metrics(), key=lambda r: r["epoch"])
+    if [r["epoch"] for r in history] != list(range(1, comparison.epochs + 1)):
+        return None
+    shares = [round(1.0 - r["frozen_percent"] / 100.0, 6) for r in history]
+    return [f"neq.trained_fractions=[{', '.join(f'{p:g}' for p in shares)}]"]

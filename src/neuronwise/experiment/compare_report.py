@@ -18,9 +18,8 @@ from pathlib import Path
 
 from neuronwise.io import atomic_write_bytes, atomic_write_text
 
-from .compare import REMAINING, Comparison, first_epoch_at, run_name, select, targets_of
+from .compare import REMAINING, Comparison, first_epoch_at, run_name, selections, targets_of
 from .compare_latency import latency_png, latency_table, mean_std, read_latency
-from .plots import png
 
 COLUMNS = ("comparison", "method", "seed", "run", "epoch", "epochs_budget", "remaining_percent",
            "test_error_percent")
@@ -48,17 +47,14 @@ def comparison_rows(comparison: Comparison, runs: Path) -> tuple[list[dict], dic
             if done != comparison.epochs:
                 notes[method].append(f"s{seed} ({done}/{comparison.epochs} epochs)")
                 continue
-            for target in targets_of(comparison, method):
-                chosen = select(history, target, comparison.candidates)
-                if chosen is None:
-                    continue
+            for chosen in selections(comparison, method, history):
                 line = next(r for r in history if r["epoch"] == chosen.epoch)
                 rows.append({
                     "comparison": comparison.name, "method": method, "seed": seed, "run": name,
                     "epoch": chosen.epoch, "epochs_budget": comparison.epochs,
                     "remaining_percent": f"{chosen.remaining_percent:.6f}",
                     "test_error_percent": f"{chosen.test_error_percent:.6f}",
-                    "target": target, "neurons": line.get("neurons_alive"),
+                    "target": chosen.target, "neurons": line.get("neurons_alive"),
                 })
     return rows, notes
 
@@ -201,7 +197,7 @@ def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str
 def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
     """Test error vs remaining parameters (log x): per method the means over seeds at each target,
     with ± std bars on both axes and a ± std band on the error."""
-    from .report import _pyplot
+    from .report import _pyplot, figure_png
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.8))
@@ -229,8 +225,7 @@ def plot_png(comparison: Comparison, rows: list[dict]) -> bytes:
                    f"mean ± std over the finished seeds (n in the table)", fontsize=9)
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    return png(figure)
+    return figure_png(figure)
 
 
 def write_records(comparison: Comparison, runs: Path, results: Path

@@ -16,6 +16,8 @@ from neuronwise.io import atomic_write_bytes, atomic_write_text
 
 from . import methods
 from .config import ConfigError
+from .plots import png
+from .plots import pyplot as _pyplot
 from .rundir import RunDir, RunDirError
 
 PLOTS = (
@@ -25,27 +27,18 @@ PLOTS = (
 )
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout, 100 dpi); the figure is closed."""
+    figure.tight_layout()
+    return png(figure)
 
 
 def _save(figure, axis, title: str, path: Path) -> None:
-    import io
-
     axis.set_xlabel("epoch")
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    _pyplot().close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, figure_png(figure))
 
 
 def _lines(series: dict[str, list[tuple]], title: str, path: Path, log: bool = False) -> bool:

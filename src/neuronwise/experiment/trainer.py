@@ -373,9 +373,10 @@ class Trainer:
         return str(self.run.path), self.resume
 
     def _run_epoch(self, epoch: int) -> None:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         train = self.train_epoch(epoch)
         train_time = time.perf_counter() - started
+        train_cpu_time = time.process_time() - cpu_started  # this process's CPU, all its threads
         broken = [name for name, tensor in self.model.state_dict().items()
                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
         if broken:
@@ -404,6 +405,7 @@ class Trainer:
             "nonzero_all": metrics.count_nonzero(self.model, convention="all"),
             "neurons_alive": neurons["total"][0], "neurons_total": neurons["total"][1],
             "train_time_s": round(train_time, 4),
+            "train_cpu_time_s": round(train_cpu_time, 4),
             "epoch_time_s": round(time.perf_counter() - started, 4),
         })
         self.epoch = epoch

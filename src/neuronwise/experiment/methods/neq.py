@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 import neuronwise as nw
+from neuronwise._utils import is_number
 
-from ..schema import setting
+from ..schema import meta, setting
 from .base import MethodCallback, MethodContext, Metric
 from .registry import register
 
@@ -28,6 +29,9 @@ class NEqConfig:
                                                                 "ε rule or a baseline")
     trained_fraction: float | None = setting(None, "random/topk baselines: share of neurons "
                                              "trained", bounds="in [0, 1]")
+    trained_fractions: list | None = field(default=None, metadata=meta(
+        "random/topk: share trained in epoch e at entry e-1 (the last repeats), instead of "
+        "trained_fraction, e.g. to match NEq's per epoch"))
     warmup: int = setting(1, "epochs that train every neuron before freezing starts",
                           bounds=">= 0")
     mode: Literal["optim", "grad", "restore"] = setting("optim", "how frozen neurons are kept "
@@ -45,7 +49,10 @@ class NEqCallback(MethodCallback):
     ``val_inputs`` are the inputs of the fixed probe set Ξ (a tensor, in a fixed order); without
     them, ``val_size`` of the loop's training set is drawn with the run's seed. ``kwargs`` go to
     ``NEq`` (``eps``, ``mu``, ``velocity``, ``mode``, ``selection``, ...); ``seed`` defaults to the
-    run's. The epoch-0 outputs are recorded at setup.
+    run's. The epoch-0 outputs are recorded at setup. ``trained_fractions`` (random/topk) gives the
+    share trained in epoch e at entry e − 1 (the last entry repeats), set before each step that
+    chooses that epoch's frozen set; ``neuronwise compare`` fills it with an NEq run's
+    1 − ``frozen_percent`` / 100 per epoch to match its frozen share (the paper's protocol).
     """
 
     percentiles = (0, 10, 25, 50, 75, 90, 100)  # of |velocity|, recorded each epoch
@@ -65,12 +72,22 @@ class NEqCallback(MethodCallback):
     )
 
     def __init__(self, val_inputs: Tensor | None = None, val_size: float | None = None,
-                 **kwargs: Any) -> None:
+                 trained_fractions: list | None = None, **kwargs: Any) -> None:
         super().__init__()
         if val_inputs is not None and not isinstance(val_inputs, Tensor):
             raise TypeError(f"Invalid val_inputs: {type(val_inputs).__name__} (expected a Tensor)")
         if val_inputs is None and val_size is None:
             raise ValueError("Invalid val_inputs: None (expected a Tensor, or val_size)")
+        if trained_fractions is not None:
+            if (not isinstance(trained_fractions, list) or not trained_fractions
+                    or not all(is_number(p) and 0 <= p <= 1 for p in trained_fractions)):
+                raise ValueError(f"Invalid trained_fractions: {trained_fractions!r} (expected a "
+                                 f"non-empty list of numbers in [0, 1])")
+            if kwargs.get("trained_fraction") is not None:
+                raise ValueError("Invalid trained_fractions: set with trained_fraction "
+                                 "(expected one of them)")
+            kwargs["trained_fraction"] = float(trained_fractions[0])
+        self.trained_fractions = trained_fractions
         self.val_inputs = val_inputs
         self.val_size = val_size
         self.kwargs = kwargs
@@ -82,6 +99,7 @@ class NEqCallback(MethodCallback):
         return cls(val_size=config.val_size, eps=config.eps, mu=config.mu,
                    velocity=config.velocity, warmup=config.warmup, mode=config.mode,
                    selection=config.selection, trained_fraction=config.trained_fraction,
+                   trained_fractions=config.trained_fractions,
                    skip_frozen_grads=config.skip_frozen_grads)
 
     @property
@@ -111,9 +129,9 @@ class NEqCallback(MethodCallback):
         ``frozen_percent``, ``frozen_per_layer`` ({layer: %}), ``backward_flops`` and
         ``backward_saving_percent`` describe the frozen set used during the epoch that just ended
         (what the accounting charges); ``neq_time_s`` is the wall time of :meth:`NEq.step` (probe
-        pass over Ξ, velocities, next frozen set); ``velocity_quantiles`` ({"p0": ..., "p100": ...})
-        are the percentiles of |v| over hooked neurons from that step, which choose the next
-        epoch's frozen set. Quantiles rather than a histogram: |v| spans decades that differ
+        pass over Ξ, velocities, next frozen set) and ``neq_cpu_time_s`` its process CPU time;
+        ``velocity_quantiles`` ({"p0": ..., "p100": ...}) are the percentiles of |v| over hooked
+        neurons from that step, which choose the next epoch's frozen set. Quantiles rather than a histogram: |v| spans decades that differ
         between setups and may be exactly 0, which fixed log bins cannot hold.
         """
         neq = self.method
@@ -124,9 +142,13 @@ class NEqCallback(MethodCallback):
         backward = neq.backward_flops(self.context.example_input)
         record["backward_flops"] = backward
         record["backward_saving_percent"] = 100.0 * (1 - backward / self.total_backward)
-        started = time.perf_counter()
+        if self.trained_fractions is not None:  # the share trained in the next epoch
+            schedule = self.trained_fractions
+            neq.trained_fraction = float(schedule[min(record["epoch"], len(schedule) - 1)])
+        started, cpu_started = time.perf_counter(), time.process_time()
         neq.step()
         record["neq_time_s"] = round(time.perf_counter() - started, 6)
+        record["neq_cpu_time_s"] = round(time.process_time() - cpu_started, 6)
         speeds = neq.velocity_quantiles([p / 100 for p in self.percentiles])
         record["velocity_quantiles"] = {f"p{p}": s for p, s in zip(self.percentiles, speeds)}
 
