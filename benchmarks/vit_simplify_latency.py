@@ -9,9 +9,11 @@ to zero) or trained (``--run`` directory: its config.yaml and ``last.pt``/``best
 ``neuronwise.latency.measure_latency``, models interleaved, medians; report ratios, not times.
 On a loaded machine wall time mostly measures waiting for a core; ``--clock cpu`` times each
 forward by the process's CPU time instead (one thread: the compute itself), same interleaving.
+``--deploy`` also times ``neuronwise.deploy`` of the model (simplify, then one compiled graph of
+ATen calls without per-module dispatch, per-layer kernels chosen at batch 32) in the same rounds.
 
     python benchmarks/vit_simplify_latency.py [--dead-heads 0.5] [--dead-units 0.7] [--set dim=64]
-    python benchmarks/vit_simplify_latency.py --run runs/RUN [--checkpoint-name best]
+    python benchmarks/vit_simplify_latency.py --run runs/RUN [--checkpoint-name best] [--deploy]
     python benchmarks/vit_simplify_latency.py --checkpoint runs/RUN/last.pt --set dim=64 depth=4
 """
 
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--deploy", action="store_true", help="also time neuronwise.deploy")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -128,12 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     if test is not None:
         print(f"test error of this checkpoint, dense / simplified: {test_error(dense, test):.2f} % / "
               f"{test_error(small, test):.2f} % ({len(test.labels):,} images)")
-    print("batch  dense ms  simplified ms  speed-up  (1/MACs ratio)")
+    models, header = [dense, small], "batch  dense ms  simplified ms  speed-up"
+    if args.deploy:
+        deployed = nw.deploy(dense, example, batch_size=32)
+        deployed_error = (dense(x) - deployed(x)).abs().max() / dense(x).abs().max()
+        print(f"deployed: max relative output difference {deployed_error:.1e}")
+        models, header = models + [deployed], header + "  deployed ms  speed-up"
+    print(header + "  (1/MACs ratio)")
     for batch in args.batches:
         measure = cpu_latency if args.clock == "cpu" else measure_latency
-        t_dense, t_small = measure([dense, small], x[:batch], repeats=args.repeats)
-        print(f"{batch:5d}  {t_dense * 1e3:8.3f}  {t_small * 1e3:13.3f}  {t_dense / t_small:7.2f}x"
-              f"  ({1 / ratio:.2f}x)")  # fmt: skip
+        times = measure(models, x[:batch], repeats=args.repeats)
+        line = f"{batch:5d}  {times[0] * 1e3:8.3f}  {times[1] * 1e3:13.3f}  {times[0] / times[1]:7.2f}x"
+        if args.deploy:
+            line += f"  {times[2] * 1e3:11.3f}  {times[0] / times[2]:7.2f}x"
+        print(line + f"  ({1 / ratio:.2f}x)")
     return 0
 
 

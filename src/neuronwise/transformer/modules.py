@@ -50,11 +50,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens = x.shape[0], x.shape[1]
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(
-            qkv[0],
-            qkv[1],
-            qkv[2],
+            q,
+            k,
+            v,
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale,
         )
@@ -67,7 +67,8 @@ class MultiheadAttention(nn.Module):
     with ``num_heads`` heads of ``head_dim`` each, where ``num_heads · head_dim`` may differ from
     ``embed_dim``.
 
-    The same call, returning ``(output, weights)``; the packed in-projection is the Linear
+    ``scale`` multiplies the scores (default ``head_dim**-0.5``, torch's); it is stored, not derived,
+    so it survives narrowing the heads. The same call, returning ``(output, weights)``; the packed in-projection is the Linear
     ``in_proj`` (rows [q | k | v], torch's ``in_proj_weight``/``in_proj_bias``), applied once when
     query, key and value are one tensor. ``attn_mask`` must broadcast to (B, 1, L, S) (a (L, S) mask
     does); boolean masks mark positions that may *not* attend, as in torch. The returned weights are
@@ -83,9 +84,11 @@ class MultiheadAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         batch_first: bool = False,
+        scale: float | None = None,
     ):
         super().__init__()
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.dropout, self.batch_first = float(dropout), batch_first
         inner = num_heads * head_dim
         self.in_proj = nn.Linear(embed_dim, 3 * inner, bias=bias)
@@ -130,7 +133,7 @@ class MultiheadAttention(nn.Module):
             causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             mask = torch.zeros_like(causal, dtype=q.dtype).masked_fill(~causal, float("-inf"))
         dropout = self.dropout if self.training else 0.0
-        scale = self.head_dim**-0.5
+        scale = self.scale
         weights = None
         if need_weights:
             scores = q @ k.transpose(-2, -1) * scale

@@ -50,6 +50,7 @@ from neuronwise.transformer.modules import (
     ConstantBranch,
     MultiheadAttention,
 )
+from neuronwise.transformer.narrow import gather_rows, plan_heads, zero_rows
 
 __all__ = ["compose_kept", "convert_attention", "simplify_transformer"]
 
@@ -248,10 +249,6 @@ def _sliced_linear(layer: nn.Linear, rows: Tensor, cols: Tensor) -> nn.Linear:
     return new
 
 
-def _zero_rows(weight: Tensor) -> Tensor:
-    return (weight.detach() == 0).flatten(1).all(1)
-
-
 # ----------------------------------------------------------------------------- attention
 
 
@@ -297,12 +294,8 @@ def _attention_pass(
     torch_layout = isinstance(new, MultiheadAttention)
     in_name, out_name = ("in_proj", "out_proj") if torch_layout else ("qkv", "proj")
     layer_in, proj = getattr(new, in_name), getattr(new, out_name)
-    heads, d = new.num_heads, new.head_dim
-    inner = heads * d
-    value_dead = _zero_rows(layer_in.weight[2 * inner :]).view(heads, d).all(1)
-    unused = _zero_rows(proj.weight.detach().t()).view(heads, d).all(1)
-    dead = (value_dead | unused).tolist()
-    if not any(dead):
+    plan = plan_heads(layer_in, proj, new.num_heads, new.head_dim)
+    if len(plan.heads) == new.num_heads and plan.width == new.head_dim:
         # A foreign timm-style module becomes ours: same names, and traceable by torch.fx.
         ours = (Attention, MultiheadAttention, nn.MultiheadAttention)
         return module if isinstance(module, ours) else new
@@ -310,36 +303,43 @@ def _attention_pass(
     bias = torch.zeros(proj.out_features, dtype=torch.float64, device=p64.device)
     if proj.bias is not None:
         bias = bias + proj.bias.detach().double()
-    if layer_in.bias is not None:
-        v_bias = layer_in.bias.detach().double()[2 * inner :].view(heads, d)
-        for h in range(heads):
-            if value_dead[h] and not unused[h]:
-                bias = bias + p64[:, h * d : (h + 1) * d] @ v_bias[h]
-    keep = [h for h in range(heads) if not dead[h]]
+    if layer_in.bias is not None and plan.folded.numel():
+        inner = new.num_heads * new.head_dim
+        v_bias = layer_in.bias.detach().double()[2 * inner :]
+        folded = plan.folded.to(p64.device)
+        bias = bias + p64[:, folded] @ v_bias[folded]
     prefix = f"{name}." if name else ""
     out_names = [f"{prefix}{out_name}.{p}" for p in ("weight", "bias")]
     source = info.out_weight if info.out_bias is None else info.out_bias
     folded = proj.bias is None or not torch.equal(bias, proj.bias.detach().double())
-    if not keep:
+    if not plan.heads:
         value = bias.to(proj.weight.dtype)
         result = ConstantBranch(value.view(_broadcast(call[0][0], value.numel())), torch_layout)
         return _accept(module, result, call, kept, {prefix + "value": (source, None)})
     device = p64.device
-    rows, cols = info.rows(keep).to(device), info.columns(keep).to(device)
+    rows, cols = plan.rows.to(device), plan.columns.to(device)
     all_in = _index(list(range(layer_in.in_features)), device)
     all_out = _index(list(range(proj.out_features)), device)
     result = copy.deepcopy(new)
-    result.num_heads = len(keep)
-    new_in = _sliced_linear(layer_in, rows, all_in)
-    new_out = _sliced_linear(proj, all_out, cols)
+    result.num_heads, result.head_dim = len(plan.heads), plan.width
+    new_in = nn.Linear(layer_in.in_features, rows.numel(), layer_in.bias is not None)
+    new_in.to(layer_in.weight)
+    new_in.weight = nn.Parameter(gather_rows(layer_in.weight, rows))
+    if layer_in.bias is not None:
+        new_in.bias = nn.Parameter(gather_rows(layer_in.bias, rows))
+    new_out = nn.Linear(cols.numel(), proj.out_features).to(proj.weight)
+    new_out.weight = nn.Parameter(gather_rows(proj.weight.t(), cols).t().contiguous())
     new_out.bias = nn.Parameter(bias.to(proj.weight.dtype))
     setattr(result, in_name, new_in)
     setattr(result, out_name, new_out)
-    entries: Kept = {f"{prefix}{in_name}.weight": (info.in_weight, (rows, all_in))}
+    padded = plan.padded
+    entries: Kept = {
+        f"{prefix}{in_name}.weight": (info.in_weight, None if padded else (rows, all_in)),
+        out_names[0]: (info.out_weight, None if padded else (all_out, cols)),
+        out_names[1]: (source, None) if folded else (source, ()),
+    }
     if info.in_bias is not None:
-        entries[f"{prefix}{in_name}.bias"] = (info.in_bias, (rows,))
-    entries[out_names[0]] = (info.out_weight, (all_out, cols))
-    entries[out_names[1]] = (source, None) if folded else (source, ())
+        entries[f"{prefix}{in_name}.bias"] = (info.in_bias, None if padded else (rows,))
     return _accept(module, result, call, kept, entries)
 
 
@@ -358,7 +358,7 @@ def _ffn_pass(
     b1 = torch.zeros(fc1.out_features, dtype=torch.float64, device=w2.device)
     if fc1.bias is not None:
         b1 = b1 + fc1.bias.detach().double()
-    silent, unused = _zero_rows(fc1.weight), _zero_rows(fc2.weight.detach().t())
+    silent, unused = zero_rows(fc1.weight), zero_rows(fc2.weight.detach().t())
     dead = silent | unused
     if not dead.any():
         return None
