@@ -1,4 +1,5 @@
-"""Narrowing inside heads: dead score and value dims go, the scale stays, the function stays."""
+"""Narrowing inside heads: dead score and value dims go, the scale stays, the function stays;
+heads without a score dim become a Linear of the token mean (timm-style attention)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 
 import neuronwise as nw
 from neuronwise.simplify import export_onnx, load_simplified, save_simplified
-from neuronwise.transformer import Attention, MultiheadAttention
+from neuronwise.transformer import Attention, MeanAttention, MultiheadAttention
 from neuronwise.transformer.narrow import plan_heads
 from neuronwise.transformer.simplify import simplify_transformer
 
@@ -82,6 +83,9 @@ def test_dead_dims_inside_heads_go_and_the_function_stays(seed, attention, heads
     x = torch.randn(7, 5, dim, generator=g)
     assert_close(model.eval()(x), small(x))
     alive = [h for h in fates if any(f not in ("v", "proj") for f in h)]
+    uniform = [h for h in alive if all(f in ("k", "q+bias") for f in h)]  # no score dim
+    if attention in ("ours", "timm"):  # uniform heads become a Linear of the token mean
+        alive = [h for h in alive if h not in uniform]
     attn = small[0].attn
     if alive:
         assert isinstance(attn, (Attention, MultiheadAttention, nn.MultiheadAttention))
@@ -91,6 +95,8 @@ def test_dead_dims_inside_heads_go_and_the_function_stays(seed, attention, heads
         if width < head_dim or len(alive) < heads:
             assert n_params(small) < n_params(model)
             assert attn.scale == pytest.approx(scale)  # the old scale, not width**-0.5
+    if uniform and attention in ("ours", "timm"):
+        assert isinstance(attn.mean if alive else attn, (nn.Linear, MeanAttention))
     # The general pass takes the result as it is: no manual step in between.
     assert_close(model(x), nw.simplify(small, example)(x))
 
@@ -128,13 +134,20 @@ def narrowed_vit(attention: str) -> nn.Module:
 @pytest.mark.parametrize("attention", ["sdpa", "torch"])
 def test_narrowed_vit_saves_loads_and_exports(tmp_path, attention):
     model = narrowed_vit(attention)
+    with torch.no_grad():
+        projections(model.blocks[1])[0][32:40] = 0  # block 1: no head keeps a score dim
     example = torch.zeros(1, 1, 28, 28)
     middle = simplify_transformer(model, example)
+    assert isinstance(middle.blocks[1].attn, MeanAttention) == (attention == "sdpa")
     attn = middle.blocks[0].attn
-    assert attn.num_heads == 2 and attn.head_dim == 3  # max(2 score dims, 3 value dims)
+    # head 0: max(2 score dims, 3 value dims); head 1 (no score dim) attends uniformly: in the
+    # timm layout it becomes the token-mean Linear, torch's layout keeps it as a padded head.
+    heads = 1 if attention == "sdpa" else 2
+    assert attn.num_heads == heads and attn.head_dim == 3
     assert attn.scale == pytest.approx(8**-0.5)
     layer_in = attn.qkv if attention == "sdpa" else attn.in_proj
-    assert layer_in.weight.shape == (18, 32)  # 2 heads · 3 dims · (q, k, v)
+    assert layer_in.weight.shape == (heads * 9, 32)  # heads · 3 dims · (q, k, v)
+    assert isinstance(getattr(attn, "mean", None), nn.Linear) == (attention == "sdpa")
     small = nw.simplify(middle, example)
     x = torch.randn(4, 1, 28, 28)
     y = model(x)

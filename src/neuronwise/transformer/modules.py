@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AddConstant", "Attention", "ConstantBranch", "MultiheadAttention"]
+__all__ = ["AddConstant", "Attention", "ConstantBranch", "MeanAttention", "MultiheadAttention"]
 
 
 class Attention(nn.Module):
@@ -23,6 +23,8 @@ class Attention(nn.Module):
     ``qkv`` rows are [q of heads 0..H−1 | k of heads 0..H−1 | v of heads 0..H−1], ``head_dim`` rows
     per head; head h computes softmax(q_h k_hᵀ · scale) v_h and ``proj`` maps the H·head_dim
     concatenation back to ``dim``. ``scale`` is stored, not derived, so it survives pruning.
+    ``mean`` (None unless simplify sets it): a Linear of the token mean added to the output, the
+    heads that attend uniformly (:class:`MeanAttention`).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.mean: nn.Linear | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens = x.shape[0], x.shape[1]
@@ -58,8 +61,28 @@ class Attention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale,
         )
-        out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(out))
+        out = self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
+        if self.mean is not None:
+            out = out + self.mean(x.mean(1, keepdim=True))
+        return self.proj_drop(out)
+
+
+class MeanAttention(nn.Module):
+    r"""Heads that attend uniformly: x (B, N, C) ↦ ``mean``(mean over the N tokens of x), the same
+    at every token.
+
+    A head whose scores are constant along each softmax row outputs P_h·(1/N Σ_j v_h(j)) =
+    P_h W_h x̄ + P_h b_h, with x̄ the token mean: one Linear of x̄ (weight P_h W_h, bias P_h b_h,
+    summed over such heads), computed once per sample instead of once per token.
+    """
+
+    def __init__(self, mean: nn.Linear):
+        super().__init__()
+        self.mean = mean
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.mean(x.mean(1, keepdim=True))
+        return out.expand(x.shape[0], x.shape[1], out.shape[-1])
 
 
 class MultiheadAttention(nn.Module):

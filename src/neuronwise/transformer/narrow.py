@@ -12,7 +12,8 @@ computes softmax(s · q_h k_hᵀ) v_h with s the stored scale, then P[:, h] maps
   the constant P[:, e]·b_v[e], folded into P's bias.
 
 A head with no value dim left is dead (it outputs a constant); it goes whole, its score dims with
-it. The kept heads share one width d′ = max(score dims, value dims, 1) over them (one width lets
+it. A head with no score dim left attends uniformly: it outputs P_h·(mean over keys of v_h), a
+linear map of the token mean that needs no attention at all (``uniform``). The kept heads share one width d′ = max(score dims, value dims, 1) over them (one width lets
 ``F.scaled_dot_product_attention`` take its fast path; different q/k and v widths measured slower
 here): each head's kept dims come first, then zero rows (zero weight and bias) up to d′. A zero
 q and k row adds 0 to every score; a zero v row behind a zero P column adds 0 to the output. When
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HeadPlan", "gather_rows", "plan_heads", "zero_rows"]
+__all__ = ["HeadPlan", "gather_rows", "mean_branch", "plan_heads", "zero_rows"]
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,12 @@ class HeadPlan:
     ``rows``: in-projection rows of the new module (q, then k, then v, each ``heads · width``),
     indices into the old rows, −1 for a zero row. ``columns``: output-projection columns of the new
     module, indices into the old columns, −1 for a zero column. ``folded``: old value dims (flat
-    H·d) whose constant P[:, e]·b_v[e] moves into P's bias.
+    H·d) whose constant P[:, e]·b_v[e] moves into P's bias. ``uniform``: the kept heads without a
+    score dim, whose softmax rows are uniform (each outputs the mean of its values over the keys).
     """
 
     heads: list[int]
+    uniform: list[int]
     width: int
     rows: Tensor
     columns: Tensor
@@ -66,6 +69,7 @@ def plan_heads(layer_in: nn.Linear, proj: nn.Linear, heads: int, head_dim: int) 
     value_live = ~zero[2] & ~unused
     score_live = ~zero[1] & ~(zero[0] & zero_bias[0])
     kept = [h for h in range(heads) if bool(value_live[h].any())]
+    uniform = [h for h in kept if not bool(score_live[h].any())]
     narrow = any(int(value_live[h].sum()) < d or int(score_live[h].sum()) < d for h in kept)
     if kept and narrow:
         width = max(1, max(int(m[h].sum()) for h in kept for m in (score_live, value_live)))
@@ -83,7 +87,7 @@ def plan_heads(layer_in: nn.Linear, proj: nn.Linear, heads: int, head_dim: int) 
     kept_values = torch.zeros(inner, dtype=torch.bool)
     kept_values[value_t[value_t >= 0]] = True
     folded = zero[2].flatten() & ~unused.flatten() & ~kept_values
-    return HeadPlan(kept, width, rows, value_t, folded.nonzero().flatten())
+    return HeadPlan(kept, uniform, width, rows, value_t, folded.nonzero().flatten())
 
 
 def _shift(index: Tensor, offset: int) -> Tensor:
@@ -95,3 +99,20 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     padded = torch.cat([x.detach(), x.new_zeros((1,) + x.shape[1:])])
     index = torch.where(index >= 0, index, x.shape[0]).to(x.device)
     return padded.index_select(0, index).clone()
+
+
+def mean_branch(
+    layer_in: nn.Linear, proj: nn.Linear, head_dim: int, heads: list[int]
+) -> tuple[Tensor, Tensor]:
+    """(weight, bias) in float64 of the map x̄ ↦ Σ_h P_h (W_v,h x̄ + b_v,h) over uniform ``heads``.
+
+    With E the value rows of those heads: weight = P[:, E] W_v[E], bias = P[:, E] b_v[E].
+    """
+    inner = layer_in.out_features // 3
+    dims = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+    dims = dims.to(proj.weight.device)
+    p = proj.weight.detach().double()[:, dims]
+    weight = p @ layer_in.weight.detach().double()[2 * inner + dims]
+    if layer_in.bias is None:
+        return weight, torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
+    return weight, p @ layer_in.bias.detach().double()[2 * inner + dims]

@@ -48,9 +48,10 @@ from neuronwise.transformer.modules import (
     AddConstant,
     Attention,
     ConstantBranch,
+    MeanAttention,
     MultiheadAttention,
 )
-from neuronwise.transformer.narrow import gather_rows, plan_heads, zero_rows
+from neuronwise.transformer.narrow import gather_rows, mean_branch, plan_heads, zero_rows
 
 __all__ = ["compose_kept", "convert_attention", "simplify_transformer"]
 
@@ -295,6 +296,17 @@ def _attention_pass(
     in_name, out_name = ("in_proj", "out_proj") if torch_layout else ("qkv", "proj")
     layer_in, proj = getattr(new, in_name), getattr(new, out_name)
     plan = plan_heads(layer_in, proj, new.num_heads, new.head_dim)
+    mean = None
+    if plan.uniform and not torch_layout:  # token-mean branch; the heads' P columns then unused
+        weight, mean_bias = mean_branch(layer_in, proj, new.head_dim, plan.uniform)
+        mean = nn.Linear(weight.shape[1], weight.shape[0]).to(proj.weight)
+        mean.weight = nn.Parameter(weight.to(proj.weight.dtype))
+        new = copy.deepcopy(new)
+        layer_in, proj = new.qkv, new.proj
+        with torch.no_grad():
+            for h in plan.uniform:
+                proj.weight[:, h * new.head_dim : (h + 1) * new.head_dim] = 0
+        plan = plan_heads(layer_in, proj, new.num_heads, new.head_dim)
     if len(plan.heads) == new.num_heads and plan.width == new.head_dim:
         # A foreign timm-style module becomes ours: same names, and traceable by torch.fx.
         ours = (Attention, MultiheadAttention, nn.MultiheadAttention)
@@ -312,6 +324,12 @@ def _attention_pass(
     out_names = [f"{prefix}{out_name}.{p}" for p in ("weight", "bias")]
     source = info.out_weight if info.out_bias is None else info.out_bias
     folded = proj.bias is None or not torch.equal(bias, proj.bias.detach().double())
+    entries: Kept = {}
+    if mean is not None:
+        entries = {prefix + "mean.weight": (info.in_weight, None), prefix + "mean.bias": (source, None)}
+    if not plan.heads and mean is not None:
+        mean.bias = nn.Parameter((bias + mean_bias).to(proj.weight.dtype))
+        return _accept(module, MeanAttention(mean), call, kept, entries)
     if not plan.heads:
         value = bias.to(proj.weight.dtype)
         result = ConstantBranch(value.view(_broadcast(call[0][0], value.numel())), torch_layout)
@@ -332,8 +350,11 @@ def _attention_pass(
     new_out.bias = nn.Parameter(bias.to(proj.weight.dtype))
     setattr(result, in_name, new_in)
     setattr(result, out_name, new_out)
+    if mean is not None:
+        mean.bias = nn.Parameter(mean_bias.to(proj.weight.dtype))
+        result.mean = mean
     padded = plan.padded
-    entries: Kept = {
+    entries |= {
         f"{prefix}{in_name}.weight": (info.in_weight, None if padded else (rows, all_in)),
         out_names[0]: (info.out_weight, None if padded else (all_out, cols)),
         out_names[1]: (source, None) if folded else (source, ()),
