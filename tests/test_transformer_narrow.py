@@ -21,7 +21,7 @@ from torch import nn
 
 import neuronwise as nw
 from neuronwise.simplify import export_onnx, load_simplified, save_simplified
-from neuronwise.transformer import Attention, MeanAttention, MultiheadAttention
+from neuronwise.transformer import Attention, ConstantBranch, MeanAttention, MultiheadAttention
 from neuronwise.transformer.narrow import plan_heads
 from neuronwise.transformer.simplify import simplify_transformer
 
@@ -182,3 +182,27 @@ def test_narrowing_is_kept_by_a_second_pass():
     assert twice.blocks[0].attn.head_dim == 3
     x = torch.randn(3, 1, 28, 28)
     assert_close(model(x), twice(x))
+
+
+class NormUsedTwice(Block):
+    """norm2's output feeds the FFN and the residual: it must stay when the FFN is constant."""
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.mlp(h) + h
+
+
+@pytest.mark.parametrize("block_type", [Block, NormUsedTwice])
+def test_a_norm_that_feeds_only_a_constant_branch_goes(block_type):
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(block_type(8, 2, 6, "ours", False), nn.Linear(8, 3))
+    randomize(model, g)
+    with torch.no_grad():
+        model[0].mlp.fc1.weight.zero_()  # the FFN becomes a constant branch
+    small = simplify_transformer(model, torch.zeros(1, 4, 8))
+    assert isinstance(small[0].mlp, ConstantBranch)
+    assert isinstance(small[0].norm2, nn.Identity) == (block_type is Block)
+    assert isinstance(small[0].norm1, nn.LayerNorm)  # feeds the live attention
+    x = torch.randn(5, 4, 8, generator=g)
+    assert_close(model.eval()(x), small(x))
