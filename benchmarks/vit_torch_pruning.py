@@ -18,7 +18,7 @@ CPU time (``vit_simplify_latency.cpu_latency``), at batch 1 and 32; MACs by
 ``torch.utils.flop_counter``. Each fine-tuned level is cached under ``--cache``.
 
     python benchmarks/vit_torch_pruning.py --dense-run runs/dense-vit-fashion-small \\
-        --serene-run runs/serene-vit-fashion-small [--levels 0.25:0.5 0.5:0.9 ...] [--epochs 8]
+        --serene-run runs/serene-vit-fashion-small [--levels 0.5:0.9 0.75:0.97 ...] [--epochs 6]
 """
 
 from __future__ import annotations
@@ -133,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense-run", required=True)
     parser.add_argument("--serene-run", action="append", default=[])
-    parser.add_argument("--levels", nargs="+", default=["0.25:0.5", "0.5:0.75", "0.5:0.9",
-                                                        "0.75:0.9", "0.75:0.97"])
-    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs per level")
+    parser.add_argument("--levels", nargs="+", default=["0.5:0.9", "0.75:0.9", "0.75:0.97"])
+    parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs per level")
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="runs/bench/vit-torch-pruning")
