@@ -34,7 +34,7 @@ __all__ = ["HeadPlan", "gather_rows", "mean_branch", "plan_heads", "zero_rows"]
 class HeadPlan:
     """The new layout of one attention.
 
-    ``rows``: in-projection rows of the new module (q, then k, then v, each ``heads · width``),
+    ``heads``: the old indices of the heads kept; ``width``: their common new head dim. ``rows``: in-projection rows of the new module (q, then k, then v, each ``heads · width``),
     indices into the old rows, −1 for a zero row. ``columns``: output-projection columns of the new
     module, indices into the old columns, −1 for a zero column. ``folded``: old value dims (flat
     H·d) whose constant P[:, e]·b_v[e] moves into P's bias. ``uniform``: the kept heads without a
@@ -62,10 +62,11 @@ def zero_rows(weight: Tensor) -> Tensor:
 def plan_heads(layer_in: nn.Linear, proj: nn.Linear, heads: int, head_dim: int) -> HeadPlan:
     """The heads and dims of an attention that stay (module docstring), as a :class:`HeadPlan`."""
     d, inner = head_dim, heads * head_dim
-    zero = zero_rows(layer_in.weight).view(3, heads, d)
+    zero = zero_rows(layer_in.weight).cpu().view(3, heads, d)
     bias = layer_in.bias
-    zero_bias = (bias.detach() == 0).view(3, heads, d) if bias is not None else torch.ones_like(zero)
-    unused = zero_rows(proj.weight.detach().t()).view(heads, d)
+    zero_bias = (bias.detach() == 0).cpu().view(3, heads, d) if bias is not None else (
+        torch.ones_like(zero))
+    unused = zero_rows(proj.weight.detach().t()).cpu().view(heads, d)
     value_live = ~zero[2] & ~unused
     score_live = ~zero[1] & ~(zero[0] & zero_bias[0])
     kept = [h for h in range(heads) if bool(value_live[h].any())]
