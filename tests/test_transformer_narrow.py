@@ -13,6 +13,7 @@ from test_transformer_simplify import (
     ATTENTIONS,
     Block,
     assert_close,
+    assert_vit_saves_loads_and_exports,
     n_params,
     projections,
     randomize,
@@ -20,7 +21,6 @@ from test_transformer_simplify import (
 from torch import nn
 
 import neuronwise as nw
-from neuronwise.simplify import export_onnx, load_simplified, save_simplified
 from neuronwise.transformer import Attention, ConstantBranch, MeanAttention, MultiheadAttention
 from neuronwise.transformer.narrow import plan_heads
 from neuronwise.transformer.simplify import simplify_transformer
@@ -149,16 +149,7 @@ def test_narrowed_vit_saves_loads_and_exports(tmp_path, attention):
     assert layer_in.weight.shape == (heads * 9, 32)  # heads · 3 dims · (q, k, v)
     assert isinstance(getattr(attn, "mean", None), nn.Linear) == (attention == "sdpa")
     small = nw.simplify(middle, example)
-    x = torch.randn(4, 1, 28, 28)
-    y = model(x)
-    assert_close(y, small(x))
-    save_simplified(small, tmp_path / "vit.pt2")
-    assert_close(y, load_simplified(tmp_path / "vit.pt2")(x))
-    ort = pytest.importorskip("onnxruntime")
-    export_onnx(small, None, tmp_path / "vit.onnx")
-    session = ort.InferenceSession(str(tmp_path / "vit.onnx"))
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    assert_close(y, torch.from_numpy(out))
+    assert_vit_saves_loads_and_exports(model, small, tmp_path)
 
 
 def test_q_rows_that_keep_their_bias_keep_the_head_wide():
