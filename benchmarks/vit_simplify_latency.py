@@ -9,9 +9,12 @@ to zero) or trained (``--run`` directory: its config.yaml and ``last.pt``/``best
 ``neuronwise.latency.measure_latency``, models interleaved, medians; report ratios, not times.
 On a loaded machine wall time mostly measures waiting for a core; ``--clock cpu`` times each
 forward by the process's CPU time instead (one thread: the compute itself), same interleaving.
+``--deploy`` also times ``neuronwise.deploy`` (simplify, then one compiled graph of ATen calls
+without per-module dispatch, per-layer kernels chosen at batch 32) of the model and of the dense
+architecture (fresh weights), in the same rounds; its speed-up is deployed vs dense deployed.
 
     python benchmarks/vit_simplify_latency.py [--dead-heads 0.5] [--dead-units 0.7] [--set dim=64]
-    python benchmarks/vit_simplify_latency.py --run runs/RUN [--checkpoint-name best]
+    python benchmarks/vit_simplify_latency.py --run runs/RUN [--checkpoint-name best] [--deploy]
     python benchmarks/vit_simplify_latency.py --checkpoint runs/RUN/last.pt --set dim=64 depth=4
 """
 
@@ -30,7 +33,12 @@ import neuronwise as nw
 from neuronwise.experiment.components import load_datasets
 from neuronwise.experiment.tools import load_run_model
 from neuronwise.latency import measure_latency
-from neuronwise.transformer import simplify_transformer
+from neuronwise.transformer import (
+    Attention,
+    MeanAttention,
+    MultiheadAttention,
+    simplify_transformer,
+)
 from neuronwise.transformer.groups import AttentionHeads, FeedForwardUnits, neuron_groups
 
 
@@ -55,10 +63,16 @@ def kill(model: torch.nn.Module, heads: float, units: float, generator: torch.Ge
 
 
 def heads_and_units(model: torch.nn.Module) -> tuple[int, int]:
-    """(attention heads, FFN units) that ``model``'s attentions and FFNs hold."""
-    groups = neuron_groups(model)
-    return (sum(g.num_heads for g in groups if isinstance(g, AttentionHeads)),
-            sum(g.units for g in groups if isinstance(g, FeedForwardUnits)))
+    """(softmax attention heads, FFN units) that ``model``'s attentions and FFNs hold."""
+    attentions = (Attention, MultiheadAttention, torch.nn.MultiheadAttention)
+    return (sum(m.num_heads for m in model.modules() if isinstance(m, attentions)),
+            sum(g.units for g in neuron_groups(model) if isinstance(g, FeedForwardUnits)))
+
+
+def mean_branches(model: torch.nn.Module) -> int:
+    """Attentions whose uniform heads simplify turned into one Linear of the token mean."""
+    return sum(isinstance(m, MeanAttention) or (isinstance(m, Attention) and m.mean is not None)
+               for m in model.modules())  # fmt: skip
 
 
 @torch.no_grad()
@@ -94,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--deploy", action="store_true", help="also time neuronwise.deploy")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -124,16 +139,28 @@ def main(argv: list[str] | None = None) -> int:
           "interleaved rounds")  # fmt: skip
     print(f"parameters {params[0]:,} -> {params[1]:,}; MACs ratio {ratio:.3f}; "
           f"max relative output difference {error:.1e}")  # fmt: skip
-    print(f"attention heads {before[0]} -> {after[0]}; FFN units {before[1]} -> {after[1]}")
+    print(f"softmax attention heads {before[0]} -> {after[0]} (+ {mean_branches(smaller)} "
+          f"token-mean Linear(s) of uniform heads); FFN units {before[1]} -> {after[1]}")
     if test is not None:
         print(f"test error of this checkpoint, dense / simplified: {test_error(dense, test):.2f} % / "
               f"{test_error(small, test):.2f} % ({len(test.labels):,} images)")
-    print("batch  dense ms  simplified ms  speed-up  (1/MACs ratio)")
+    models, header = [dense, small], "batch  dense ms  simplified ms  speed-up"
+    if args.deploy:  # the dense architecture deployed too (fresh weights: no zero to remove)
+        deployed = nw.deploy(dense, example, batch_size=32)
+        deployed_error = (dense(x) - deployed(x)).abs().max() / dense(x).abs().max()
+        full = nw.deploy(nw.models.create("vit", **options).eval(), example, batch_size=32)
+        print(f"deployed: max relative output difference {deployed_error:.1e}")
+        models += [full, deployed]
+        header += "  dense deployed ms  deployed ms  speed-up (vs dense deployed)"
+    print(header + "  (1/MACs ratio)")
     for batch in args.batches:
         measure = cpu_latency if args.clock == "cpu" else measure_latency
-        t_dense, t_small = measure([dense, small], x[:batch], repeats=args.repeats)
-        print(f"{batch:5d}  {t_dense * 1e3:8.3f}  {t_small * 1e3:13.3f}  {t_dense / t_small:7.2f}x"
-              f"  ({1 / ratio:.2f}x)")  # fmt: skip
+        times = measure(models, x[:batch], repeats=args.repeats)
+        line = f"{batch:5d}  {times[0] * 1e3:8.3f}  {times[1] * 1e3:13.3f}  {times[0] / times[1]:7.2f}x"
+        if args.deploy:
+            line += (f"  {times[2] * 1e3:17.3f}  {times[3] * 1e3:11.3f}  "
+                     f"{times[2] / times[3]:7.2f}x{'':19}")  # fmt: skip
+        print(line + f"  ({1 / ratio:.2f}x)")
     return 0
 
 

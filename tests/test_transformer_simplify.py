@@ -254,15 +254,8 @@ def kill_vit_parts(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "torch"])
-def test_vit_simplified_saves_loads_and_exports(tmp_path, attention):
-    model = kill_vit_parts(vit(attention))
-    example = torch.zeros(1, 1, 28, 28)
-    middle = simplify_transformer(model, example)
-    assert isinstance(middle.blocks[1], AddConstant)
-    assert middle.blocks[0].attn.num_heads == 3
-    assert middle.blocks[0].mlp.fc1.out_features == 64
-    small = nw.simplify(middle, example)
+def assert_vit_saves_loads_and_exports(model: nn.Module, small: nn.Module, tmp_path) -> None:
+    """``small`` computes ``model``'s outputs, also saved and loaded, and exported to ONNX."""
     x = torch.randn(4, 1, 28, 28)
     y = model(x)
     assert_close(y, small(x))
@@ -273,6 +266,18 @@ def test_vit_simplified_saves_loads_and_exports(tmp_path, attention):
     session = ort.InferenceSession(str(tmp_path / "vit.onnx"))
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert_close(y, torch.from_numpy(out))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "torch"])
+def test_vit_simplified_saves_loads_and_exports(tmp_path, attention):
+    model = kill_vit_parts(vit(attention))
+    example = torch.zeros(1, 1, 28, 28)
+    middle = simplify_transformer(model, example)
+    assert isinstance(middle.blocks[1], AddConstant)
+    assert middle.blocks[0].attn.num_heads == 3
+    assert middle.blocks[0].mlp.fc1.out_features == 64
+    small = nw.simplify(middle, example)
+    assert_vit_saves_loads_and_exports(model, small, tmp_path)
 
 
 def test_kept_composes_with_simplify_and_moves_optimizer_state():

@@ -10,6 +10,7 @@ from neuronwise.transformer.modules import (
     AddConstant,
     Attention,
     ConstantBranch,
+    MeanAttention,
     MultiheadAttention,
 )
 from neuronwise.transformer.simplify import compose_kept, convert_attention, simplify_transformer
@@ -20,6 +21,7 @@ __all__ = [
     "AttentionHeads",
     "ConstantBranch",
     "FeedForwardUnits",
+    "MeanAttention",
     "MultiheadAttention",
     "compose_kept",
     "convert_attention",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AddConstant", "Attention", "ConstantBranch", "MultiheadAttention"]
+__all__ = ["AddConstant", "Attention", "ConstantBranch", "MeanAttention", "MultiheadAttention"]
 
 
 class Attention(nn.Module):
@@ -23,6 +23,8 @@ class Attention(nn.Module):
     ``qkv`` rows are [q of heads 0..H−1 | k of heads 0..H−1 | v of heads 0..H−1], ``head_dim`` rows
     per head; head h computes softmax(q_h k_hᵀ · scale) v_h and ``proj`` maps the H·head_dim
     concatenation back to ``dim``. ``scale`` is stored, not derived, so it survives pruning.
+    ``mean`` (None unless simplify sets it): a Linear of the token mean added to the output, the
+    heads that attend uniformly (:class:`MeanAttention`).
     """
 
     def __init__(
@@ -46,20 +48,41 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.mean: nn.Linear | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens = x.shape[0], x.shape[1]
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(
-            qkv[0],
-            qkv[1],
-            qkv[2],
+            q,
+            k,
+            v,
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale,
         )
-        out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(out))
+        out = self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
+        if self.mean is not None:
+            out = out + self.mean(x.mean(1, keepdim=True))
+        return self.proj_drop(out)
+
+
+class MeanAttention(nn.Module):
+    r"""Heads that attend uniformly: x (B, N, C) ↦ ``mean``(mean over the N tokens of x), the same
+    at every token.
+
+    A head whose scores are constant along each softmax row outputs P_h·(1/N Σ_j v_h(j)) =
+    P_h W_h x̄ + P_h b_h, with x̄ the token mean: one Linear of x̄ (weight P_h W_h, bias P_h b_h,
+    summed over such heads), computed once per sample instead of once per token.
+    """
+
+    def __init__(self, mean: nn.Linear):
+        super().__init__()
+        self.mean = mean
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.mean(x.mean(1, keepdim=True))
+        return out.expand(x.shape[0], x.shape[1], out.shape[-1])
 
 
 class MultiheadAttention(nn.Module):
@@ -67,7 +90,8 @@ class MultiheadAttention(nn.Module):
     with ``num_heads`` heads of ``head_dim`` each, where ``num_heads · head_dim`` may differ from
     ``embed_dim``.
 
-    The same call, returning ``(output, weights)``; the packed in-projection is the Linear
+    ``scale`` multiplies the scores (default ``head_dim**-0.5``, torch's); it is stored, not derived,
+    so it survives narrowing the heads. The same call, returning ``(output, weights)``; the packed in-projection is the Linear
     ``in_proj`` (rows [q | k | v], torch's ``in_proj_weight``/``in_proj_bias``), applied once when
     query, key and value are one tensor. ``attn_mask`` must broadcast to (B, 1, L, S) (a (L, S) mask
     does); boolean masks mark positions that may *not* attend, as in torch. The returned weights are
@@ -83,9 +107,11 @@ class MultiheadAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         batch_first: bool = False,
+        scale: float | None = None,
     ):
         super().__init__()
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.dropout, self.batch_first = float(dropout), batch_first
         inner = num_heads * head_dim
         self.in_proj = nn.Linear(embed_dim, 3 * inner, bias=bias)
@@ -130,7 +156,7 @@ class MultiheadAttention(nn.Module):
             causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             mask = torch.zeros_like(causal, dtype=q.dtype).masked_fill(~causal, float("-inf"))
         dropout = self.dropout if self.training else 0.0
-        scale = self.head_dim**-0.5
+        scale = self.scale
         weights = None
         if need_weights:
             scores = q @ k.transpose(-2, -1) * scale

@@ -15,7 +15,11 @@ value rows are zero outputs its value bias b_v[h] at every position (each softma
 and its q, k, v rows and P columns go. The module is rebuilt with the kept heads
 (:class:`~neuronwise.transformer.Attention` or :class:`~neuronwise.transformer.MultiheadAttention`),
 its head count and widths rewritten; with no head left it becomes a
-:class:`~neuronwise.transformer.ConstantBranch` of value b_P.
+:class:`~neuronwise.transformer.ConstantBranch` of value b_P. Inside the kept heads, dead score and
+value dims go too and the heads share one narrower width, the scale kept
+(:mod:`neuronwise.transformer.narrow`); in the timm layout the heads left without a score dim
+attend uniformly and become one Linear of the token mean (``Attention.mean``, or
+:class:`~neuronwise.transformer.MeanAttention` when no other head is left).
 
 **FFN** — ``fc1 → act → fc2`` (a module with those children, or an ``nn.Sequential``
 Linear, elementwise activation, Linear, with dropouts). Unit j is dead when row j of fc1 is zero
@@ -24,6 +28,8 @@ Linears are resized in place; with no unit left the FFN becomes a constant branc
 
 **Blocks** — a module with a constant branch whose output is x + c for a constant c (a residual
 block all of whose branches are constant) becomes :class:`~neuronwise.transformer.AddConstant`.
+In a block that keeps a live branch, a normalization that feeds only constant branches (which read
+its output's shape alone) becomes ``nn.Identity``.
 
 Every replacement is checked in float64 against the module it replaces, on that module's input
 recorded from ``example_input`` and on a random input of the same shape; a module that does not
@@ -40,16 +46,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
 
-from neuronwise._utils import check_model_and_example, unwrap, without_compile
+from neuronwise._utils import check_model_and_example, unwrap
+from neuronwise.transformer.checks import record_calls, run64, same_function
 from neuronwise.transformer.groups import AttentionHeads, attention_heads, ffn_layers
 from neuronwise.transformer.modules import (
     AddConstant,
     Attention,
     ConstantBranch,
+    MeanAttention,
     MultiheadAttention,
 )
+from neuronwise.transformer.narrow import gather_rows, mean_branch, plan_heads, zero_rows
 
 __all__ = ["compose_kept", "convert_attention", "simplify_transformer"]
 
@@ -74,7 +82,7 @@ def simplify_transformer(
     """
     check_model_and_example(model, example_input)
     model = copy.deepcopy(unwrap(model)).eval()
-    calls = _record_calls(model, example_input[:1].detach())
+    calls = record_calls(model, example_input[:1].detach())
     pinned = set(pinned)
     for name in list(calls):
         if any(name == p or p.startswith(name + ".") or name.startswith(p + ".") for p in pinned):
@@ -93,6 +101,8 @@ def simplify_transformer(
     for name, module in list(model.named_modules()):
         if name and name in calls and not any(name.startswith(r + ".") for r in replaced):
             new = _block_pass(name, module, calls[name], kept)
+            if new is None:
+                new = _unused_norms_pass(module, calls[name])
             if new is not None:
                 _set_submodule(model, name, new)
                 replaced.append(name)
@@ -133,90 +143,14 @@ def compose_kept(first: Kept, second: Kept) -> Kept:
     return composed
 
 
-# ----------------------------------------------------------------------------- recording, checks
-
-
-def _record_calls(model: nn.Module, example: Tensor) -> dict[str, tuple[tuple, dict]]:
-    """Each module's (args, kwargs) in one forward; modules called more than once are left out."""
-    calls: dict[str, tuple[tuple, dict]] = {}
-    repeated: set[str] = set()
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if name in calls:
-                repeated.add(name)
-            calls[name] = tree_map(_detach, (args, kwargs))
-
-        return hook
-
-    handles = [
-        m.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, m in model.named_modules()
-    ]
-    try:
-        with torch.no_grad(), without_compile():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {n: c for n, c in calls.items() if n not in repeated}
-
-
-def _detach(x: Any) -> Any:
-    return x.detach() if isinstance(x, Tensor) else x
-
-
-def _inputs(call: tuple[tuple, dict]) -> list[tuple[tuple, dict]]:
-    """The recorded call, and one with every floating tensor replaced by N(0, 1) noise."""
-    generator = torch.Generator().manual_seed(0)
-
-    def noise(x: Any) -> Any:
-        if isinstance(x, Tensor) and x.is_floating_point():
-            return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-        return x
-
-    return [call, tree_map(noise, call)]
-
-
-def _double(x: Any) -> Any:
-    return x.double() if isinstance(x, Tensor) and x.is_floating_point() else x
-
-
-def _run64(module: nn.Module, call: tuple[tuple, dict]) -> list[Tensor | None]:
-    args, kwargs = tree_map(_double, call)
-    with torch.no_grad():
-        out = copy.deepcopy(module).double().eval()(*args, **kwargs)
-    return tree_flatten(out)[0]
-
-
-def _same_function(old: nn.Module, new: nn.Module, call: tuple[tuple, dict]) -> bool:
-    """``new`` computes what ``old`` does, in float64 on the recorded and a random input.
-
-    The tolerance, 100 ulps of the parameters' dtype relative to the output's size, admits the
-    rounding of folded biases to that dtype and nothing of a different function.
-    """
-    dtype = next((p.dtype for p in old.parameters() if p.is_floating_point()), torch.float32)
-    tolerance = 100 * torch.finfo(dtype).eps
-    for inputs in _inputs(call):
-        expected, got = _run64(old, inputs), _run64(new, inputs)
-        if isinstance(old, (nn.MultiheadAttention, MultiheadAttention)):  # weights: not kept
-            expected, got = expected[:1], got[:1]
-        if len(expected) != len(got):
-            return False
-        for a, b in zip(expected, got):
-            if (a is None) != (b is None):
-                return False
-            if a is None or not isinstance(a, Tensor):
-                continue
-            if a.shape != b.shape or (a - b).abs().max() > tolerance * (1 + a.abs().max()):
-                return False
-    return True
+# ----------------------------------------------------------------------------- helpers
 
 
 def _accept(
     old: nn.Module, new: nn.Module, call: tuple[tuple, dict], kept: Kept, entries: Kept
 ) -> nn.Module | None:
     """``new`` with its ``kept`` entries recorded if it computes what ``old`` does, else None."""
-    if not _same_function(old, new, call):
+    if not same_function(old, new, call):
         return None
     kept.update(entries)
     return new
@@ -246,10 +180,6 @@ def _sliced_linear(layer: nn.Linear, rows: Tensor, cols: Tensor) -> nn.Linear:
     if layer.bias is not None:
         new.bias = nn.Parameter(layer.bias.detach().index_select(0, rows).clone())
     return new
-
-
-def _zero_rows(weight: Tensor) -> Tensor:
-    return (weight.detach() == 0).flatten(1).all(1)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -292,17 +222,24 @@ def _attention_pass(
     if info is None:
         return None
     new = _as_attention(module, info)
-    if not _same_function(module, new, call):
+    if not same_function(module, new, call):
         return None
     torch_layout = isinstance(new, MultiheadAttention)
     in_name, out_name = ("in_proj", "out_proj") if torch_layout else ("qkv", "proj")
     layer_in, proj = getattr(new, in_name), getattr(new, out_name)
-    heads, d = new.num_heads, new.head_dim
-    inner = heads * d
-    value_dead = _zero_rows(layer_in.weight[2 * inner :]).view(heads, d).all(1)
-    unused = _zero_rows(proj.weight.detach().t()).view(heads, d).all(1)
-    dead = (value_dead | unused).tolist()
-    if not any(dead):
+    plan = plan_heads(layer_in, proj, new.num_heads, new.head_dim)
+    mean = None
+    if plan.uniform and not torch_layout:  # token-mean branch; the heads' P columns then unused
+        weight, mean_bias = mean_branch(layer_in, proj, new.head_dim, plan.uniform)
+        mean = nn.Linear(weight.shape[1], weight.shape[0]).to(proj.weight)
+        mean.weight = nn.Parameter(weight.to(proj.weight.dtype))
+        new = copy.deepcopy(new)
+        layer_in, proj = new.qkv, new.proj
+        with torch.no_grad():
+            for h in plan.uniform:
+                proj.weight[:, h * new.head_dim : (h + 1) * new.head_dim] = 0
+        plan = plan_heads(layer_in, proj, new.num_heads, new.head_dim)
+    if len(plan.heads) == new.num_heads and plan.width == new.head_dim:
         # A foreign timm-style module becomes ours: same names, and traceable by torch.fx.
         ours = (Attention, MultiheadAttention, nn.MultiheadAttention)
         return module if isinstance(module, ours) else new
@@ -310,36 +247,52 @@ def _attention_pass(
     bias = torch.zeros(proj.out_features, dtype=torch.float64, device=p64.device)
     if proj.bias is not None:
         bias = bias + proj.bias.detach().double()
-    if layer_in.bias is not None:
-        v_bias = layer_in.bias.detach().double()[2 * inner :].view(heads, d)
-        for h in range(heads):
-            if value_dead[h] and not unused[h]:
-                bias = bias + p64[:, h * d : (h + 1) * d] @ v_bias[h]
-    keep = [h for h in range(heads) if not dead[h]]
+    if layer_in.bias is not None and plan.folded.numel():
+        inner = new.num_heads * new.head_dim
+        v_bias = layer_in.bias.detach().double()[2 * inner :]
+        folded = plan.folded.to(p64.device)
+        bias = bias + p64[:, folded] @ v_bias[folded]
     prefix = f"{name}." if name else ""
     out_names = [f"{prefix}{out_name}.{p}" for p in ("weight", "bias")]
     source = info.out_weight if info.out_bias is None else info.out_bias
     folded = proj.bias is None or not torch.equal(bias, proj.bias.detach().double())
-    if not keep:
+    entries: Kept = {}
+    if mean is not None:
+        entries = {prefix + "mean.weight": (info.in_weight, None), prefix + "mean.bias": (source, None)}
+    if not plan.heads and mean is not None:
+        mean.bias = nn.Parameter((bias + mean_bias).to(proj.weight.dtype))
+        return _accept(module, MeanAttention(mean), call, kept, entries)
+    if not plan.heads:
         value = bias.to(proj.weight.dtype)
         result = ConstantBranch(value.view(_broadcast(call[0][0], value.numel())), torch_layout)
         return _accept(module, result, call, kept, {prefix + "value": (source, None)})
     device = p64.device
-    rows, cols = info.rows(keep).to(device), info.columns(keep).to(device)
+    rows, cols = plan.rows.to(device), plan.columns.to(device)
     all_in = _index(list(range(layer_in.in_features)), device)
     all_out = _index(list(range(proj.out_features)), device)
     result = copy.deepcopy(new)
-    result.num_heads = len(keep)
-    new_in = _sliced_linear(layer_in, rows, all_in)
-    new_out = _sliced_linear(proj, all_out, cols)
+    result.num_heads, result.head_dim = len(plan.heads), plan.width
+    new_in = nn.Linear(layer_in.in_features, rows.numel(), layer_in.bias is not None)
+    new_in.to(layer_in.weight)
+    new_in.weight = nn.Parameter(gather_rows(layer_in.weight, rows))
+    if layer_in.bias is not None:
+        new_in.bias = nn.Parameter(gather_rows(layer_in.bias, rows))
+    new_out = nn.Linear(cols.numel(), proj.out_features).to(proj.weight)
+    new_out.weight = nn.Parameter(gather_rows(proj.weight.t(), cols).t().contiguous())
     new_out.bias = nn.Parameter(bias.to(proj.weight.dtype))
     setattr(result, in_name, new_in)
     setattr(result, out_name, new_out)
-    entries: Kept = {f"{prefix}{in_name}.weight": (info.in_weight, (rows, all_in))}
+    if mean is not None:
+        mean.bias = nn.Parameter(mean_bias.to(proj.weight.dtype))
+        result.mean = mean
+    padded = plan.padded
+    entries |= {
+        f"{prefix}{in_name}.weight": (info.in_weight, None if padded else (rows, all_in)),
+        out_names[0]: (info.out_weight, None if padded else (all_out, cols)),
+        out_names[1]: (source, None) if folded else (source, ()),
+    }
     if info.in_bias is not None:
-        entries[f"{prefix}{in_name}.bias"] = (info.in_bias, (rows,))
-    entries[out_names[0]] = (info.out_weight, (all_out, cols))
-    entries[out_names[1]] = (source, None) if folded else (source, ())
+        entries[f"{prefix}{in_name}.bias"] = (info.in_bias, None if padded else (rows,))
     return _accept(module, result, call, kept, entries)
 
 
@@ -358,7 +311,7 @@ def _ffn_pass(
     b1 = torch.zeros(fc1.out_features, dtype=torch.float64, device=w2.device)
     if fc1.bias is not None:
         b1 = b1 + fc1.bias.detach().double()
-    silent, unused = _zero_rows(fc1.weight), _zero_rows(fc2.weight.detach().t())
+    silent, unused = zero_rows(fc1.weight), zero_rows(fc2.weight.detach().t())
     dead = silent | unused
     if not dead.any():
         return None
@@ -415,15 +368,37 @@ def _block_pass(
     if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
         return None
     x = args[0]
-    out = _run64(module, call)
+    out = run64(module, call)
     if len(out) != 1 or out[0] is None or out[0].shape != x.shape:
         return None
     constant = (out[0] - x.double()).reshape(-1, x.shape[-1])[0].view(_broadcast(x, x.shape[-1]))
     result = AddConstant(constant.to(x.dtype))
-    if not _same_function(module, result, call):
+    if not same_function(module, result, call):
         return None
     prefix = f"{name}." if name else ""
     names = [prefix + n for n, _ in module.named_parameters()]
     sources = [kept.pop(n, (n, ()))[0] for n in names]
     kept[prefix + "bias"] = (sources[0], None)
+    return result
+
+
+def _unused_norms_pass(module: nn.Module, call: tuple[tuple, dict]) -> nn.Module | None:
+    """``module`` with each normalization child that feeds only constant branches replaced by
+    ``nn.Identity``, or None if there is none.
+
+    A :class:`ConstantBranch` reads only its input's shape, which a LayerNorm keeps: in a block
+    whose FFN is constant but whose attention lives, the FFN's LayerNorm is computed for nothing.
+    Each candidate goes only if the block then computes what it did (checked like every rebuild:
+    a normalization whose output is used elsewhere fails the check on random inputs).
+    """
+    if not any(isinstance(m, ConstantBranch) for m in module.children()):
+        return None
+    result = None
+    for child, norm in list(module.named_children()):
+        if not isinstance(norm, (nn.LayerNorm, nn.BatchNorm1d, nn.GroupNorm)):
+            continue
+        candidate = copy.deepcopy(result if result is not None else module)
+        setattr(candidate, child, nn.Identity())
+        if same_function(module, candidate, call):
+            result = candidate
     return result
