@@ -152,7 +152,7 @@ def test_a_registered_section_is_validated_like_the_others(tmp_path, taylor):
 
 def test_unknown_method_names_the_registered_ones():
     with pytest.raises(cfg.ConfigError, match=r"method: expected one of \['none', 'lobster', "
-                                              r"'serene', 'neq'\], got 'taylor'"):
+                                              r"'serene', 'neq', 'finetune'\], got 'taylor'"):
         cfg.from_dict({"method": "taylor"})
     with pytest.raises(cfg.ConfigError, match=r"pruning.schedule: expected one of \['none', "
                                               r"'plateau', 'oneshot', 'iterative', 'gradual'\]"):
