@@ -77,6 +77,15 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("configs/serene/vit_fashion_small.yaml", "--set", "train.seed=2")),
     ("dense-vit-fashion-small-s2", "run",
      ("configs/baselines/vit_fashion_small_dense.yaml", "--set", "train.seed=2")),
+    # SeReNe with whole-neuron masks, then 10 epochs of masked fine-tuning (issue 18's recipe).
+    *((f"serene-vit-fashion-small-neurons{suffix}", "run",
+       ("configs/serene/vit_fashion_small.yaml", "--set", "pruning.granularity=neurons",
+        "--set", "name=serene-vit-fashion-small-neurons", "--set", f"train.seed={seed}"))
+      for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
+    *((f"finetune-vit-fashion-small{suffix}", "run",
+       ("configs/finetune/vit_fashion_small.yaml", "--set", f"train.seed={seed}", "--set",
+        f"model.init_from=runs/serene-vit-fashion-small-neurons{suffix}/last.pt"))
+      for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
     ("lobster-vit-fashion-small", "run", ("configs/lobster/vit_fashion_small.yaml",)),
     ("neq-vit-fashion-small", "run", ("configs/neq/vit_fashion_small.yaml",)),
     ("study-lenet5-mnist", "study", ("configs/study/oneshot_vs_gradual_lenet5_mnist.yaml",)),
@@ -126,6 +135,20 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
       "runs/dense-vit-fashion-small", "--serene-run", "runs/serene-vit-fashion-small",
       "--serene-run", "runs/serene-vit-fashion-small-s1", "--serene-run",
       "runs/serene-vit-fashion-small-s2")),
+    *((f"bench-vit-finetune-latency{suffix}", "bench",
+       ("benchmarks/vit_simplify_latency.py", f"vit_finetune_latency{suffix.replace('-', '_')}.txt",
+        "--run", f"runs/finetune-vit-fashion-small{suffix}", "--clock", "cpu", "--repeats", "30",
+        "--deploy"))
+      for suffix in ("", "-s1", "-s2")),
+    *((f"bench-vit-torch-pruning-finetune{suffix}", "bench",
+       ("benchmarks/vit_torch_pruning.py", f"vit_torch_pruning_finetune{suffix.replace('-', '_')}.txt",
+        "--dense-run", f"runs/dense-vit-fashion-small{suffix}",
+        "--serene-run", "runs/finetune-vit-fashion-small",
+        "--serene-run", "runs/finetune-vit-fashion-small-s1",
+        "--serene-run", "runs/finetune-vit-fashion-small-s2",
+        "--levels", "0.5:0.9", "0.75:0.9", "0.75:0.97", "0.75:0.99", "--epochs", "10",
+        "--lr", "0.01", "--seed", str(seed), "--cache", f"runs/bench/vit-tp-ft10{suffix or '-s0'}"))
+      for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
     ("bench-structured-baselines", "bench",
      ("benchmarks/structured_baselines.py", "structured_baselines.txt",
       "--serene-run", "runs/serene-lenet300-mnist-fast", "--dense-run", "runs/dense-lenet300-mnist")),
@@ -238,6 +261,9 @@ def needs(step: tuple[str, str, tuple[str, ...]], names: set[str]) -> set[str]:
     if kind != "run":
         return set()
     init = (read_yaml(args[0]).get("model") or {}).get("init_from") or ""
+    for flag, value in zip(args, args[1:]):  # a --set model.init_from=... overrides the config's
+        if flag == "--set" and value.startswith("model.init_from="):
+            init = value.partition("=")[2]
     parts = Path(init).parts
     return {parts[1]} & names if len(parts) > 2 and parts[0] == "runs" else set()
 

@@ -148,3 +148,14 @@ def test_results_states_how_many_single_run_records_carry_a_dirty_commit():
     assert found and (int(found[1]), int(found[2])) == (len(dirty), len(infos))
     clean = [runs / name / "run_info.json" for name in comparisons]
     assert all("+dirty" not in json.loads(p.read_text())["commit"] for p in clean)
+
+
+def test_a_run_waits_for_the_run_its_set_init_from_reads():
+    reproduce = _reproduce()
+    names = {name for name, _, _ in reproduce.STEPS}
+    steps = {name: (name, kind, args) for name, kind, args in reproduce.STEPS}
+    # The config reads runs/serene-vit-fashion-small-neurons/last.pt; --set replaces it per seed.
+    assert reproduce.needs(steps["finetune-vit-fashion-small"], names) == {
+        "serene-vit-fashion-small-neurons"}
+    assert reproduce.needs(steps["finetune-vit-fashion-small-s2"], names) == {
+        "serene-vit-fashion-small-neurons-s2"}
