@@ -22,6 +22,7 @@ measurement of the whole script): hours for the ~3,500 LeNet-300 epochs, about a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -261,7 +262,7 @@ def needs(step: tuple[str, str, tuple[str, ...]], names: set[str]) -> set[str]:
     if kind != "run":
         return set()
     init = (read_yaml(args[0]).get("model") or {}).get("init_from") or ""
-    for flag, value in zip(args, args[1:]):  # a --set model.init_from=... overrides the config's
+    for flag, value in itertools.pairwise(args):  # a --set model.init_from=... overrides the config's
         if flag == "--set" and value.startswith("model.init_from="):
             init = value.partition("=")[2]
     parts = Path(init).parts

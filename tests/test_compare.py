@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,11 @@ def test_compare_trains_every_run_and_writes_records_found_in_the_runs(tmp_path,
     assert "| 50 | iterative | 2/2 |" in section and "±" in section
     # Every finished iterative run meets ≤ 50 % at ≤ 100 % error first at epoch 3 (pruned at 2).
     assert "| iterative | 2/2 | 3.00 ± 0.00 |" in section
+    # The validation-error column: mean ± std of 100 − val_accuracy at the rows' epochs.
+    val = [100 - json.loads((runs / r["run"] / "metrics.jsonl").read_text().splitlines()[
+        int(r["epoch"]) - 1])["val_accuracy"] for r in oneshot]
+    expected = f"{statistics.mean(val):.2f} ± {statistics.stdev(val):.2f}"
+    assert re.search(rf"\| 50 \| oneshot \| 2/2 \| [^|]+ \| {re.escape(expected)} \|", section)
     assert (results / "comparisons" / "tiny.png").stat().st_size > 0
     assert "comparisons/tiny.md" in (results / "comparisons.md").read_text()
 

@@ -65,7 +65,8 @@ def test_latency_records_the_simplified_final_model_of_every_finished_run(tmp_pa
             assert record["params_simplified"] == 64 * a1 + a1 + a1 * a2 + a2 + a2 * 10 + 10
             assert record["params_dense"] == 64 * 16 + 16 + 16 * 12 + 12 + 12 * 10 + 10
     section = (results / "comparisons" / "tiny-structured.md").read_text()
-    assert "| target ≤ % | method | n | remaining % | neurons alive | test error % |" in section
+    assert ("| target ≤ % | method | n | remaining % | neurons alive | validation error % "
+            "| test error % |") in section
     assert "| l1 | 2/2 |" in section and "speed-up" in section
     assert "tiny-structured-latency.png" in section
     assert (results / "comparisons" / "tiny-structured-latency.png").stat().st_size > 0

@@ -54,6 +54,7 @@ def comparison_rows(comparison: Comparison, runs: Path) -> tuple[list[dict], dic
                     "epoch": chosen.epoch, "epochs_budget": comparison.epochs,
                     "remaining_percent": f"{chosen.remaining_percent:.6f}",
                     "test_error_percent": f"{chosen.test_error_percent:.6f}",
+                    "val_error_percent": 100.0 - chosen.val_accuracy,
                     "target": chosen.target, "neurons": line.get("neurons_alive"),
                 })
     return rows, notes
@@ -104,17 +105,19 @@ def check_csv(path: Path, runs: Path) -> list[str]:
 
 
 def summary(comparison: Comparison, rows: list[dict]) -> dict:
-    """{(target, method): {"seeds": [...], "remaining": [...], "error": [...]}} from the rows of
-    :func:`comparison_rows` (which carry their ``target``)."""
+    """{(target, method): {"seeds": [...], "remaining": [...], "error": [...], "val": [...]}} from
+    the rows of :func:`comparison_rows` (which carry their ``target`` and validation error)."""
     table: dict = {}
     for row in rows:
         cell = table.setdefault((row["target"], row["method"]),
-                                {"seeds": [], "remaining": [], "error": [], "neurons": []})
+                                {"seeds": [], "remaining": [], "error": [], "val": [],
+                                 "neurons": []})
         cell["seeds"].append(int(row["seed"]))
         if row.get("neurons") is not None:
             cell["neurons"].append(float(row["neurons"]))
         cell["remaining"].append(float(row["remaining_percent"]))
         cell["error"].append(float(row["test_error_percent"]))
+        cell["val"].append(float(row["val_error_percent"]))
     return table
 
 
@@ -159,19 +162,21 @@ def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str
         (f"Budget {comparison.epochs} epochs per run, seeds {seeds}; per target, the "
          f"best-validation epoch among the first {comparison.candidates} epochs at or below the "
          f"target (module `neuronwise.experiment.compare`). Mean ± sample std over the seeds that "
-         f"reached the target; `n` = how many did, of the finished runs."), "",
-        "| target ≤ % | method | n | remaining % | test error % |", "|---|---|---|---|---|"]
+         f"reached the target; `n` = how many did, of the finished runs. The validation error "
+         f"(at the same epochs) is what a choice between settings may use."), "",
+        "| target ≤ % | method | n | remaining % | validation error % | test error % |",
+        "|---|---|---|---|---|---|"]
     neurons = comparison.latency is not None  # structured: the selected epochs' alive neurons
     if neurons:
-        lines[-2:] = ["| target ≤ % | method | n | remaining % | neurons alive | test error % |",
-                      "|---|---|---|---|---|---|"]
+        lines[-2:] = [("| target ≤ % | method | n | remaining % | neurons alive | "
+                       "validation error % | test error % |"), "|---|---|---|---|---|---|---|"]
     for target in targets:
         for method in comparison.methods:
             if target not in targets_of(comparison, method):
                 continue
             finished = len(comparison.seeds) - len(notes[method])
             cell = table.get((target, method))
-            empty = " — |" * (2 if neurons else 1)
+            empty = " — |" * (3 if neurons else 2)
             if finished == 0:
                 lines.append(f"| {target:g} | {method} | 0/0 | no finished run |{empty}")
             elif cell is None:
@@ -180,7 +185,7 @@ def markdown(comparison: Comparison, rows: list[dict], notes: dict[str, list[str
                 alive = f" {mean_std(cell['neurons'], 1)} |" if neurons else ""
                 lines.append(f"| {target:g} | {method} | {len(cell['seeds'])}/{finished} "
                              f"| {mean_std(cell['remaining'])} |{alive} "
-                             f"{mean_std(cell['error'])} |")
+                             f"{mean_std(cell['val'])} | {mean_std(cell['error'])} |")
     if comparison.time_to_target and time_rows is not None:
         lines += _time_table(comparison, time_rows)
     if latency is not None:
