@@ -87,6 +87,16 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
        ("configs/finetune/vit_fashion_small.yaml", "--set", f"train.seed={seed}", "--set",
         f"model.init_from=runs/serene-vit-fashion-small-neurons{suffix}/last.pt"))
       for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
+    *((f"serene-vit-fashion-small-neurons-lam4e-3{suffix}", "run",
+       ("configs/serene/vit_fashion_small.yaml", "--set", "pruning.granularity=neurons",
+        "--set", "serene.lam=4.0e-3", "--set", "name=serene-vit-fashion-small-neurons-lam4e-3",
+        "--set", f"train.seed={seed}"))
+      for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
+    *((f"finetune-vit-fashion-small-lam4e-3{suffix}", "run",
+       ("configs/finetune/vit_fashion_small.yaml", "--set", "name=finetune-vit-fashion-small-lam4e-3",
+        "--set", f"train.seed={seed}", "--set",
+        f"model.init_from=runs/serene-vit-fashion-small-neurons-lam4e-3{suffix}/last.pt"))
+      for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
     ("lobster-vit-fashion-small", "run", ("configs/lobster/vit_fashion_small.yaml",)),
     ("neq-vit-fashion-small", "run", ("configs/neq/vit_fashion_small.yaml",)),
     ("study-lenet5-mnist", "study", ("configs/study/oneshot_vs_gradual_lenet5_mnist.yaml",)),
@@ -141,6 +151,22 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "--run", f"runs/finetune-vit-fashion-small{suffix}", "--clock", "cpu", "--repeats", "30",
         "--deploy"))
       for suffix in ("", "-s1", "-s2")),
+    *((f"bench-vit-finetune-lam4e-3-latency{suffix}", "bench",
+       ("benchmarks/vit_simplify_latency.py",
+        f"vit_finetune_lam4e-3_latency{suffix.replace('-', '_')}.txt",
+        "--run", f"runs/finetune-vit-fashion-small-lam4e-3{suffix}", "--clock", "cpu",
+        "--repeats", "30", "--deploy"))
+      for suffix in ("", "-s1", "-s2")),
+    *((f"bench-vit-torch-pruning-finetune-lam4e-3{suffix}", "bench",
+       ("benchmarks/vit_torch_pruning.py",
+        f"vit_torch_pruning_finetune_lam4e-3{suffix.replace('-', '_')}.txt",
+        "--dense-run", f"runs/dense-vit-fashion-small{suffix}",
+        "--serene-run", "runs/finetune-vit-fashion-small-lam4e-3",
+        "--serene-run", "runs/finetune-vit-fashion-small-lam4e-3-s1",
+        "--serene-run", "runs/finetune-vit-fashion-small-lam4e-3-s2",
+        "--levels", "0.5:0.9", "0.75:0.9", "0.75:0.97", "0.75:0.99", "--epochs", "10",
+        "--lr", "0.01", "--seed", str(seed), "--cache", f"runs/bench/vit-tp-ft10{suffix or '-s0'}"))
+      for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
     *((f"bench-vit-torch-pruning-finetune{suffix}", "bench",
        ("benchmarks/vit_torch_pruning.py", f"vit_torch_pruning_finetune{suffix.replace('-', '_')}.txt",
         "--dense-run", f"runs/dense-vit-fashion-small{suffix}",
