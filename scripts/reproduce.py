@@ -33,6 +33,13 @@ from pathlib import Path
 
 from neuronwise.experiment.config import read_yaml
 
+
+def _vit_latency(step: str, output: str, run: str) -> tuple[str, str, tuple[str, ...]]:
+    """A step of benchmarks/vit_simplify_latency.py on runs/RUN: CPU clock, 30 rounds, deploy."""
+    return (step, "bench", ("benchmarks/vit_simplify_latency.py", output, "--run", f"runs/{run}",
+                            "--clock", "cpu", "--repeats", "30", "--deploy"))
+
+
 # (step name = run directory under --runs, kind, arguments). Kinds: "run" (neuronwise run CONFIG,
 # resumable), "study" (neuronwise study, resumes itself), "simplify" (of the run named first),
 # "script" (a resumable benchmarks/ script taking --out), "compare" (neuronwise compare CONFIG,
@@ -142,59 +149,31 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
                                          "--threads", "1")),
     ("bench-data-path", "bench", ("benchmarks/data_path.py", "data_path.txt", "--max-batches",
                                   "200", "--repeats", "3", "--threads", "1")),
-    ("bench-vit-serene-latency", "bench",
-     ("benchmarks/vit_simplify_latency.py", "vit_serene_latency.txt", "--run",
-      "runs/serene-vit-fashion-small", "--clock", "cpu", "--repeats", "30", "--deploy")),
-    ("bench-vit-serene-latency-s1", "bench",
-     ("benchmarks/vit_simplify_latency.py", "vit_serene_latency_s1.txt", "--run",
-      "runs/serene-vit-fashion-small-s1", "--clock", "cpu", "--repeats", "30", "--deploy")),
-    ("bench-vit-serene-latency-s2", "bench",
-     ("benchmarks/vit_simplify_latency.py", "vit_serene_latency_s2.txt", "--run",
-      "runs/serene-vit-fashion-small-s2", "--clock", "cpu", "--repeats", "30", "--deploy")),
-    ("bench-vit-lobster-latency", "bench",
-     ("benchmarks/vit_simplify_latency.py", "vit_lobster_latency.txt", "--run",
-      "runs/lobster-vit-fashion-small", "--clock", "cpu", "--repeats", "30", "--deploy")),
+    _vit_latency("bench-vit-serene-latency", "vit_serene_latency.txt", "serene-vit-fashion-small"),
+    _vit_latency("bench-vit-serene-latency-s1", "vit_serene_latency_s1.txt", "serene-vit-fashion-small-s1"),
+    _vit_latency("bench-vit-serene-latency-s2", "vit_serene_latency_s2.txt", "serene-vit-fashion-small-s2"),
+    _vit_latency("bench-vit-lobster-latency", "vit_lobster_latency.txt", "lobster-vit-fashion-small"),
     ("bench-vit-torch-pruning", "bench",
      ("benchmarks/vit_torch_pruning.py", "vit_torch_pruning.txt", "--dense-run",
       "runs/dense-vit-fashion-small", "--serene-run", "runs/serene-vit-fashion-small",
       "--serene-run", "runs/serene-vit-fashion-small-s1", "--serene-run",
       "runs/serene-vit-fashion-small-s2")),
-    *((f"bench-vit-finetune-latency{suffix}", "bench",
-       ("benchmarks/vit_simplify_latency.py", f"vit_finetune_latency{suffix.replace('-', '_')}.txt",
-        "--run", f"runs/finetune-vit-fashion-small{suffix}", "--clock", "cpu", "--repeats", "30",
-        "--deploy"))
-      for suffix in ("", "-s1", "-s2")),
-    ("bench-vit-mnist-lobster-latency", "bench",
-     ("benchmarks/vit_simplify_latency.py", "vit_mnist_lobster_latency.txt", "--run",
-      "runs/lobster-vit-mnist-small", "--clock", "cpu", "--repeats", "30", "--deploy")),
-    ("bench-vit-mnist-finetune-latency", "bench",
-     ("benchmarks/vit_simplify_latency.py", "vit_mnist_finetune_lam4e-3_latency.txt", "--run",
-      "runs/finetune-vit-mnist-small-lam4e-3", "--clock", "cpu", "--repeats", "30", "--deploy")),
-    *((f"bench-vit-finetune-lam4e-3-latency{suffix}", "bench",
-       ("benchmarks/vit_simplify_latency.py",
-        f"vit_finetune_lam4e-3_latency{suffix.replace('-', '_')}.txt",
-        "--run", f"runs/finetune-vit-fashion-small-lam4e-3{suffix}", "--clock", "cpu",
-        "--repeats", "30", "--deploy"))
-      for suffix in ("", "-s1", "-s2")),
-    *((f"bench-vit-torch-pruning-finetune-lam4e-3{suffix}", "bench",
+    _vit_latency("bench-vit-mnist-lobster-latency", "vit_mnist_lobster_latency.txt", "lobster-vit-mnist-small"),
+    _vit_latency("bench-vit-mnist-finetune-latency", "vit_mnist_finetune_lam4e-3_latency.txt", "finetune-vit-mnist-small-lam4e-3"),
+    # The fine-tuned ViTs of both λ recipes (λ 2e-3: no infix; λ 4e-3: "-lam4e-3"), per seed.
+    *(_vit_latency(f"bench-vit-finetune{recipe}-latency{suffix}",
+                   f"vit_finetune{recipe.replace('-', '_', 1)}_latency{suffix.replace('-', '_')}.txt",
+                   f"finetune-vit-fashion-small{recipe}{suffix}")
+      for recipe in ("", "-lam4e-3") for suffix in ("", "-s1", "-s2")),
+    *((f"bench-vit-torch-pruning-finetune{recipe}{suffix}", "bench",
        ("benchmarks/vit_torch_pruning.py",
-        f"vit_torch_pruning_finetune_lam4e-3{suffix.replace('-', '_')}.txt",
+        f"vit_torch_pruning_finetune{recipe.replace('-', '_', 1)}{suffix.replace('-', '_')}.txt",
         "--dense-run", f"runs/dense-vit-fashion-small{suffix}",
-        "--serene-run", "runs/finetune-vit-fashion-small-lam4e-3",
-        "--serene-run", "runs/finetune-vit-fashion-small-lam4e-3-s1",
-        "--serene-run", "runs/finetune-vit-fashion-small-lam4e-3-s2",
+        *(arg for run in ("", "-s1", "-s2")
+          for arg in ("--serene-run", f"runs/finetune-vit-fashion-small{recipe}{run}")),
         "--levels", "0.5:0.9", "0.75:0.9", "0.75:0.97", "0.75:0.99", "--epochs", "10",
         "--lr", "0.01", "--seed", str(seed), "--cache", f"runs/bench/vit-tp-ft10{suffix or '-s0'}"))
-      for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
-    *((f"bench-vit-torch-pruning-finetune{suffix}", "bench",
-       ("benchmarks/vit_torch_pruning.py", f"vit_torch_pruning_finetune{suffix.replace('-', '_')}.txt",
-        "--dense-run", f"runs/dense-vit-fashion-small{suffix}",
-        "--serene-run", "runs/finetune-vit-fashion-small",
-        "--serene-run", "runs/finetune-vit-fashion-small-s1",
-        "--serene-run", "runs/finetune-vit-fashion-small-s2",
-        "--levels", "0.5:0.9", "0.75:0.9", "0.75:0.97", "0.75:0.99", "--epochs", "10",
-        "--lr", "0.01", "--seed", str(seed), "--cache", f"runs/bench/vit-tp-ft10{suffix or '-s0'}"))
-      for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
+      for recipe in ("", "-lam4e-3") for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))),
     ("bench-structured-baselines", "bench",
      ("benchmarks/structured_baselines.py", "structured_baselines.txt",
       "--serene-run", "runs/serene-lenet300-mnist-fast", "--dense-run", "runs/dense-lenet300-mnist")),

@@ -24,20 +24,27 @@ def _records(run: Path) -> list[dict]:
             for line in lines]
 
 
-def test_finetune_keeps_the_zeros_of_its_start_and_trains_the_rest(tmp_path):
+def _pruned_and_finetune_config(tmp_path: Path, sparsity: float, seed: int,
+                                epochs: int) -> tuple[Path, Path]:
+    """A one-epoch run pruned one-shot to ``sparsity``, and a finetune config starting from it."""
     pruned_config = tmp_path / "pruned.yaml"
     pruned_config.write_text(BASE + "model: {name: mlp}\n"
-                             "pruning: {schedule: oneshot, sparsity: 0.6, start_epoch: 0}\n"
-                             "train: {epochs: 1, seed: 0}\n")
+                             f"pruning: {{schedule: oneshot, sparsity: {sparsity}, start_epoch: 0}}\n"
+                             f"train: {{epochs: 1, seed: {seed}}}\n")
     pruned = tmp_path / "pruned"
     assert main(["run", str(pruned_config), "--run-dir", str(pruned)]) == 0
+    config = tmp_path / "finetune.yaml"
+    config.write_text(BASE + f"model: {{name: mlp, init_from: {pruned / 'last.pt'}}}\n"
+                      f"method: finetune\ntrain: {{epochs: {epochs}, seed: 0}}\n")
+    return pruned, config
+
+
+def test_finetune_keeps_the_zeros_of_its_start_and_trains_the_rest(tmp_path):
+    pruned, config = _pruned_and_finetune_config(tmp_path, 0.6, seed=0, epochs=2)
     start = _weights(pruned)
     zeros = {k: v == 0 for k, v in start.items()}
     assert sum(int(z.sum()) for z in zeros.values()) > 0.5 * sum(v.numel() for v in start.values())
 
-    config = tmp_path / "finetune.yaml"
-    config.write_text(BASE + f"model: {{name: mlp, init_from: {pruned / 'last.pt'}}}\n"
-                      "method: finetune\ntrain: {epochs: 2, seed: 0}\n")
     tuned = tmp_path / "tuned"
     assert main(["run", str(config), "--run-dir", str(tuned)]) == 0
     end = _weights(tuned)
@@ -54,15 +61,7 @@ def test_finetune_keeps_the_zeros_of_its_start_and_trains_the_rest(tmp_path):
 
 
 def test_finetune_resumes_exactly(tmp_path):
-    pruned_config = tmp_path / "pruned.yaml"
-    pruned_config.write_text(BASE + "model: {name: mlp}\n"
-                             "pruning: {schedule: oneshot, sparsity: 0.5, start_epoch: 0}\n"
-                             "train: {epochs: 1, seed: 1}\n")
-    pruned = tmp_path / "pruned"
-    assert main(["run", str(pruned_config), "--run-dir", str(pruned)]) == 0
-    config = tmp_path / "finetune.yaml"
-    config.write_text(BASE + f"model: {{name: mlp, init_from: {pruned / 'last.pt'}}}\n"
-                      "method: finetune\ntrain: {epochs: 3, seed: 0}\n")
+    _, config = _pruned_and_finetune_config(tmp_path, 0.5, seed=1, epochs=3)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["run", str(config), "--run-dir", str(straight)]) == 0
     assert main(["run", str(config), "--run-dir", str(resumed), "--set", "train.epochs=2"]) == 0
