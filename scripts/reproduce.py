@@ -6,6 +6,7 @@ with the names RESULTS.md uses. A step whose run directory holds a run continues
 again, in this session or the next. Steps run as subprocesses, one after the other, or ``--jobs N``
 at a time (each then writes ``RUNS/NAME.log``), a step starting only after the steps it needs: a
 ``simplify`` after its run, a run whose config has ``model.init_from: runs/OTHER/...`` after OTHER.
+Paths under ``runs/`` in a step (an ``init_from``, a benchmark's run) follow ``--runs``.
 The first failure stops the script (running steps finish) with its exit status.
 
     python scripts/reproduce.py --list                 # the steps and their records' state
@@ -211,26 +212,48 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 RESULTS = Path("docs/results")  # comparison records and benchmark outputs
 
 
+def _relocated(arg: str, runs: Path) -> str:
+    """``arg`` with a path under ``runs/`` (alone or as ``KEY=runs/...``) moved under ``runs``."""
+    key, equals, value = arg.rpartition("=")
+    return f"{key}{equals}{runs / value[len('runs/'):]}" if value.startswith("runs/") else arg
+
+
+def _init_from(config: str, args: tuple[str, ...]) -> str:
+    """The ``model.init_from`` a run step reads: its config's, or the last ``--set`` of it."""
+    init = (read_yaml(config).get("model") or {}).get("init_from") or ""
+    for flag, value in itertools.pairwise(args):
+        if flag == "--set" and value.startswith("model.init_from="):
+            init = value.partition("=")[2]
+    return init
+
+
 def command(name: str, kind: str, args: tuple[str, ...], runs: Path, threads: int | None) -> list[str]:
-    """The subprocess command line of one step."""
+    """The subprocess command line of one step; paths under ``runs/`` in it move under ``runs``."""
     cli = [sys.executable, "-m", "neuronwise"]
     directory = runs / name
     threads_set = ["--set", f"train.threads={threads}"] if threads else []
     if kind == "run":
         resume = ["--resume"] if (directory / "config.yaml").exists() else []
-        return [*cli, "run", args[0], "--run-dir", str(directory), *resume, *args[1:], *threads_set]
+        init = _init_from(args[0], ())  # the config's; a --set of it moves with the arguments
+        moved = _relocated(init, runs)
+        overridden = any(a.startswith("model.init_from=") for a in args[1:])
+        init_set = ["--set", f"model.init_from={moved}"] if moved != init and not overridden else []
+        return [*cli, "run", args[0], "--run-dir", str(directory), *resume,
+                *(_relocated(a, runs) for a in args[1:]), *init_set, *threads_set]
     if kind == "study":
         threads_set = ["--set", f"base.train.threads={threads}"] if threads else []
         return [*cli, "study", args[0], "--study-dir", str(directory), *args[1:], *threads_set]
     if kind == "simplify":
         return [*cli, "simplify", str(directory), "--export", str(directory / "simplified.onnx")]
     if kind == "script":
-        return [sys.executable, args[0], *args[1:], "--out", str(directory), *threads_set]
+        return [sys.executable, args[0], *(_relocated(a, runs) for a in args[1:]), "--out",
+                str(directory), *threads_set]
     if kind == "compare":
         return [*cli, "compare", args[0], *(["--threads", str(threads)] if threads else [])]
     if kind == "bench":  # one thread, stdout kept as docs/results/OUTPUT once the script succeeds
         out = RESULTS / args[1]
-        script = " ".join(shlex.quote(a) for a in (sys.executable, args[0], *args[2:]))
+        script = " ".join(shlex.quote(a) for a in (sys.executable, args[0],
+                                                    *(_relocated(a, runs) for a in args[2:])))
         return ["sh", "-c", f"OMP_NUM_THREADS=1 {script} > {out}.part && mv {out}.part {out}"]
     raise ValueError(f"Invalid step kind: {kind!r}")
 
@@ -285,11 +308,7 @@ def needs(step: tuple[str, str, tuple[str, ...]], names: set[str]) -> set[str]:
         return {Path(a).parts[1] for a in args if a.startswith("runs/")} & names
     if kind != "run":
         return set()
-    init = (read_yaml(args[0]).get("model") or {}).get("init_from") or ""
-    for flag, value in itertools.pairwise(args):  # a --set model.init_from=... overrides the config's
-        if flag == "--set" and value.startswith("model.init_from="):
-            init = value.partition("=")[2]
-    parts = Path(init).parts
+    parts = Path(_init_from(args[0], args[1:])).parts
     return {parts[1]} & names if len(parts) > 2 and parts[0] == "runs" else set()
 
 

@@ -31,12 +31,14 @@ def test_every_run_quoted_in_results_is_a_step_with_the_same_config():
 
 def test_commands_resume_existing_runs_and_pass_threads(tmp_path):
     reproduce = _reproduce()
-    fresh = reproduce.command("dense-lenet300-mnist", "run", ("c.yaml",), tmp_path, 1)
-    assert fresh[3:] == ["run", "c.yaml", "--run-dir", str(tmp_path / "dense-lenet300-mnist"),
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: lenet300}\n")
+    fresh = reproduce.command("dense-lenet300-mnist", "run", (str(config),), tmp_path, 1)
+    assert fresh[3:] == ["run", str(config), "--run-dir", str(tmp_path / "dense-lenet300-mnist"),
                          "--set", "train.threads=1"]
     (tmp_path / "dense-lenet300-mnist").mkdir()
     (tmp_path / "dense-lenet300-mnist" / "config.yaml").write_text("train: {epochs: 3}\n")
-    again = reproduce.command("dense-lenet300-mnist", "run", ("c.yaml",), tmp_path, None)
+    again = reproduce.command("dense-lenet300-mnist", "run", (str(config),), tmp_path, None)
     assert "--resume" in again and "--set" not in again
     assert reproduce.state("dense-lenet300-mnist", "run", tmp_path) == "started"
     (tmp_path / "dense-lenet300-mnist" / "metrics.jsonl").write_text('{"epoch": 2}\n')
@@ -159,3 +161,24 @@ def test_a_run_waits_for_the_run_its_set_init_from_reads():
         "serene-vit-fashion-small-neurons"}
     assert reproduce.needs(steps["finetune-vit-fashion-small-s2"], names) == {
         "serene-vit-fashion-small-neurons-s2"}
+
+
+def test_paths_under_runs_follow_the_runs_option(tmp_path):
+    reproduce = _reproduce()
+    steps = {name: (kind, args) for name, kind, args in reproduce.STEPS}
+    # The config's init_from (runs/dense-lenet300-mnist/best.pt) is set under --runs.
+    line = reproduce.command("iterative-lenet300-mnist", *steps["iterative-lenet300-mnist"],
+                             tmp_path, None)
+    assert line[-2:] == ["--set", f"model.init_from={tmp_path}/dense-lenet300-mnist/best.pt"]
+    # A step's own --set of it moves, and is the only one.
+    seeded = reproduce.command("finetune-vit-fashion-small-s2",
+                               *steps["finetune-vit-fashion-small-s2"], tmp_path, None)
+    sets = [a for a in seeded if a.startswith("model.init_from=")]
+    assert sets == [f"model.init_from={tmp_path}/serene-vit-fashion-small-neurons-s2/last.pt"]
+    bench = reproduce.command("bench-structured-baselines", *steps["bench-structured-baselines"],
+                              tmp_path, None)
+    assert f"{tmp_path}/serene-lenet300-mnist-fast" in bench[2] and " runs/" not in bench[2]
+    # With the default folder nothing moves.
+    default = reproduce.command("iterative-lenet300-mnist", *steps["iterative-lenet300-mnist"],
+                                Path("runs"), None)
+    assert not any(a.startswith("model.init_from=") for a in default)
