@@ -3,7 +3,9 @@
 Times one SGD step (forward, backward, ``optimizer.step()``) of LeNet-300-100 and LeNet-5 on random
 MNIST-shaped tensors: plain; with ``Lobster.step()`` in each of its two paths (foreach, per-tensor
 loop); with SeReNe's ``compute()`` alone and with ``compute()`` + ``step()``, whose difference is
-the cost of ``SeReNe.step()`` (``compute()`` is an extra backward, reported apart). The variants
+the cost of ``SeReNe.step()`` (``compute()`` is an extra backward, reported apart); and, as a floor,
+with one in-place pass over the parameters (``torch._foreach_mul_(params, 1.0)``: one read and one
+write of each), the least that any update applied after ``optimizer.step()`` costs. The variants
 run interleaved, round after round, so that load on the machine hits them alike; the reported times
 are medians over rounds and the ratios are relative to the plain step. On CPU the clock is the
 process's CPU time (``time.process_time``), which time slices given to other processes of a loaded
@@ -69,9 +71,10 @@ def _clock(device: torch.device) -> float:
 def time_steps(model, optimizer, reg, batch, steps, device) -> float:
     """Seconds per training step, averaged over ``steps`` steps.
 
-    ``reg``: None, a Lobster, or ``(serene, call_step)``: SeReNe's compute(), and its step() if
-    ``call_step``.
+    ``reg``: None, a Lobster, ``"one pass"``, or ``(serene, call_step)``: SeReNe's compute(), and
+    its step() if ``call_step``.
     """
+    params = list(model.parameters())
     x, y = batch
     serene, call_step = reg if isinstance(reg, tuple) else (None, False)
     start = _clock(device)
@@ -84,6 +87,9 @@ def time_steps(model, optimizer, reg, batch, steps, device) -> float:
         optimizer.step()
         if isinstance(reg, Lobster):
             reg.step()
+        elif reg == "one pass":
+            with torch.no_grad():
+                torch._foreach_mul_(params, 1.0)
         elif call_step:
             serene.step()  # without it, compute() keeps adding to its sums (one small add each)
     return (_clock(device) - start) / steps
@@ -94,12 +100,15 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
     x = torch.randn(args.batch, 1, 28, 28, generator=generator).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=generator).to(device)
     variants = {}
-    for label in ("plain", "lobster foreach", "lobster loop", "serene compute", "serene step"):
+    for label in ("plain", "one pass", "lobster foreach", "lobster loop", "serene compute",
+                  "serene step"):
         torch.manual_seed(0)
         model = build(name).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         reg = None
-        if label.startswith("lobster"):
+        if label == "one pass":
+            reg = label
+        elif label.startswith("lobster"):
             reg = Lobster(model, lam=1e-4, foreach=label.endswith("foreach"))
         elif label.startswith("serene"):
             reg = (SeReNe(model, lam=1e-4), label.endswith("step"))
@@ -113,6 +122,8 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
     median = {label: statistics.median(t) for label, t in times.items()}
     plain = median["plain"]
     print(f"{name} (batch {args.batch}, {device.type}): plain step {plain * 1e3:.3f} ms")
+    one_pass = median["one pass"]
+    print(f"  + one pass over params   {one_pass * 1e3:.3f} ms   ratio {one_pass / plain:.3f}")
     for label in ("foreach", "loop"):
         step = median[f"lobster {label}"]
         print(f"  + Lobster.step() {label:8s} {step * 1e3:.3f} ms   ratio {step / plain:.3f}")
